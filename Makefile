@@ -1,0 +1,27 @@
+# The README's two Quick-start commands: `make demo` and `make test`.
+# Both create .venv on first use (with --system-site-packages, so a GPU host's own torch,
+# Transformer Engine and apex are reused) and install the package into it.
+VENV   ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.megatron_wesar-installed
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements.txt $(wildcard csrc/*)
+	test -x $(PYTHON) || python3 -m venv --system-site-packages $(VENV)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH_PIN)
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) -m megatron_wesar demo
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info megatron_wesar/_C*.so

@@ -1,0 +1,183 @@
+"""The WeSaR GPT layer spec (local backend) and the GPT model builder.
+
+`get_wesar_layer_spec` returns megatron-core's TransformerLayer spec with the four linear layers
+replaced by gated ones. `WeSaRGPTModel` is megatron-core's GPTModel whose word embedding and
+output layer are gated too; with tied embeddings the two share W_bar and each keeps its own gate
+(DESIGN section 3). `build_gpt_model` validates the parallel shapes and builds it.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from .config import WeSaRConfig
+from .init import ModelShape, sigma_role
+from .layers import (
+    GatedColumnParallelLinear,
+    GatedRowParallelLinear,
+    GatedVocabParallelEmbedding,
+    assert_gates_finite,
+)
+from .norm import TorchNorm
+
+
+def get_wesar_layer_spec(wesar: WeSaRConfig) -> ModuleSpec:
+    """A pre-LN GPT TransformerLayer spec whose qkv, attention-output, fc1 and fc2 are gated.
+
+    The norm follows `config.normalization` (LayerNorm or RMSNorm); the MLP is GeLU or SwiGLU
+    as `config.gated_linear_unit` and `config.activation_func` say.
+    """
+
+    def column(role):
+        return ModuleSpec(module=GatedColumnParallelLinear, params={"role": role, "wesar": wesar})
+
+    def row(role):
+        return ModuleSpec(module=GatedRowParallelLinear, params={"role": role, "wesar": wesar})
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=TorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=column("qkv"),
+                    core_attention=DotProductAttention,
+                    linear_proj=row("attn_proj"),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=TorchNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=column("fc1"), linear_fc2=row("fc2")),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+class WeSaRGPTModel(GPTModel):
+    """megatron-core GPTModel with a gated word embedding and a gated output layer.
+
+    Takes GPTModel's arguments plus `wesar`. With `wesar.enabled=False` it is the same model
+    with the backbone init and no gates.
+    """
+
+    def __init__(self, config, transformer_layer_spec, vocab_size, max_sequence_length, *,
+                 wesar: WeSaRConfig, **kwargs):
+        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
+        self.wesar = wesar
+        shape = ModelShape.from_transformer_config(config)
+        if self.pre_process:
+            old = self.embedding.word_embeddings
+            self.embedding.word_embeddings = GatedVocabParallelEmbedding(
+                vocab_size,
+                config.hidden_size,
+                config=config,
+                reduce_scatter_embeddings=old.reduce_scatter_embeddings,
+                tp_group=old.tp_group,
+                wesar=wesar,
+            )
+            position = getattr(self.embedding, "position_embeddings", None)
+            if position is not None and config.perform_initialization:
+                std = sigma_role("embedding", shape, wesar)
+                torch.nn.init.normal_(position.weight, mean=0.0, std=std)
+        if self.post_process:
+            old = self.output_layer
+            tied = self.share_embeddings_and_output_weights
+            self.output_layer = GatedColumnParallelLinear(
+                config.hidden_size,
+                vocab_size,
+                config=config,
+                role="output",
+                weight_role="embedding" if tied else None,
+                wesar=wesar,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=old.gather_output,
+                skip_weight_param_allocation=self.pre_process and tied,
+                embedding_activation_buffer=old.embedding_activation_buffer,
+                grad_output_buffer=old.grad_output_buffer,
+                tp_group=old.tp_group,
+            )
+        if self.pre_process or self.post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def forward(self, *args, **kwargs):
+        """GPTModel.forward, after checking (one fused check) that every gate is finite."""
+        if self.wesar.check_finite_gates:
+            assert_gates_finite(self)
+        return super().forward(*args, **kwargs)
+
+
+def validate_parallel_shapes(config, tp_size: int | None = None, vocab_size: int | None = None) -> None:
+    """Raise ValueError when the model's sizes cannot be split over the tensor-parallel group."""
+    if tp_size is None:
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if config.tensor_model_parallel_size != tp_size:
+        raise ValueError(
+            f"config.tensor_model_parallel_size={config.tensor_model_parallel_size} but the "
+            f"tensor-parallel group has {tp_size} ranks"
+        )
+    for name in ("hidden_size", "num_attention_heads", "ffn_hidden_size"):
+        value = getattr(config, name)
+        if value % tp_size:
+            raise ValueError(
+                f"{name}={value} is not divisible by the tensor-model-parallel size {tp_size}"
+            )
+    if vocab_size is not None and vocab_size % tp_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} is not divisible by the tensor-model-parallel size {tp_size}"
+            " (pad the vocabulary to a multiple of it)"
+        )
+    groups = config.num_query_groups or config.num_attention_heads
+    if groups % tp_size:
+        raise ValueError(
+            f"num_query_groups={groups} is not divisible by the tensor-model-parallel size "
+            f"{tp_size}"
+        )
+
+
+def build_gpt_model(
+    config,
+    wesar: WeSaRConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    **gpt_kwargs,
+) -> WeSaRGPTModel:
+    """Build the WeSaR GPT model for this rank's pipeline stage.
+
+    `gpt_kwargs` go to GPTModel (e.g. share_embeddings_and_output_weights,
+    position_embedding_type='rope'). Pre/post-process default to this rank's stage.
+    """
+    validate_parallel_shapes(config, vocab_size=vocab_size)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    return WeSaRGPTModel(
+        config,
+        get_wesar_layer_spec(wesar),
+        vocab_size,
+        max_sequence_length,
+        wesar=wesar,
+        pre_process=pre_process,
+        post_process=post_process,
+        **gpt_kwargs,
+    )

@@ -1,0 +1,170 @@
+"""The training engine on megatron-core: parallel state, model + DDP + optimizer, one step.
+
+Everything here is megatron-core's own machinery (GPTModel through `build_gpt_model`,
+DistributedDataParallel, the megatron optimizer, `get_forward_backward_func` schedules) with the
+WeSaR pieces plugged in: gate-aware `finalize_model_grads` and the gate learning-rate multiplier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamGroupOverride, ParamKey
+from megatron.core.optimizer import get_standard_config_overrides
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from ..compat.cpu import enable_cpu_compat
+from ..config import WeSaRConfig
+from ..grads import finalize_model_grads
+from ..spec import build_gpt_model
+
+
+def initialize_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                        seed: int) -> None:
+    """Set up megatron's TP/PP/DP groups on the initialised default group, and seed the RNGs.
+
+    Raises ValueError when the world size is not a multiple of TP x PP.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed must be initialised before initialize_parallel")
+    world = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not a multiple of tensor-model-parallel size "
+            f"{tensor_model_parallel_size} x pipeline-model-parallel size "
+            f"{pipeline_model_parallel_size}"
+        )
+    enable_cpu_compat()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
+
+
+def gate_config_overrides(optimizer_config: OptimizerConfig, wesar: WeSaRConfig) -> dict:
+    """Megatron's standard param-group overrides (no weight decay on biases and 1-D params, which
+    covers the (1,)-shaped gates) plus the gate learning-rate multiplier."""
+    overrides = get_standard_config_overrides(optimizer_config)
+    if wesar.enabled and wesar.gate_lr_mult != 1.0:
+        overrides[ParamKey(attr="wesar_gate")] = ParamGroupOverride(lr_mult=wesar.gate_lr_mult)
+    return overrides
+
+
+@dataclass
+class Engine:
+    """The model chunks (DDP-wrapped), the optimizer and the model config of this rank."""
+
+    model: List[DistributedDataParallel]
+    optimizer: object
+    config: object
+
+    @property
+    def module(self):
+        """The bare WeSaR GPT model of this rank's stage."""
+        return self.model[0].module
+
+
+def build_engine(
+    transformer_config,
+    wesar: WeSaRConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    optimizer_config: OptimizerConfig,
+    ddp_config: DistributedDataParallelConfig | None = None,
+    **gpt_kwargs,
+) -> Engine:
+    """Build this rank's WeSaR GPT stage, wrap it in megatron DDP and build the optimizer."""
+    ddp_config = ddp_config or DistributedDataParallelConfig(
+        use_distributed_optimizer=optimizer_config.use_distributed_optimizer
+    )
+    model = build_gpt_model(transformer_config, wesar, vocab_size, max_sequence_length, **gpt_kwargs)
+    ddp = DistributedDataParallel(transformer_config, ddp_config, model)
+    optimizer = get_megatron_optimizer(
+        optimizer_config, [ddp], config_overrides=gate_config_overrides(optimizer_config, wesar)
+    )
+    transformer_config.finalize_model_grads_func = finalize_model_grads
+    transformer_config.no_sync_func = ddp.no_sync
+    return Engine(model=[ddp], optimizer=optimizer, config=transformer_config)
+
+
+def lm_forward_step(data_iterator: Iterator[dict], model):
+    """Forward one microbatch {tokens, labels, loss_mask, position_ids}; masked mean loss."""
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in next(data_iterator).items()}
+    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return per_token, partial(masked_mean_loss, batch["loss_mask"])
+
+
+def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean of the per-token loss over the unmasked tokens, and its detached copy for logging."""
+    mask = loss_mask.to(per_token_loss.dtype)
+    loss = (per_token_loss * mask).sum() / mask.sum().clamp_min(1)
+    return loss, {"lm loss": loss.detach()}
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (loss averaged over microbatches and DP ranks)."""
+
+    loss: float | None
+    grad_norm: float | None
+    update_successful: bool
+
+
+def train_step(
+    engine: Engine,
+    microbatches: Iterator[dict],
+    num_microbatches: int,
+    micro_batch_size: int,
+    seq_length: int,
+    forward_step_func: Callable = lm_forward_step,
+    after_backward: Callable[[Engine], None] | None = None,
+) -> StepResult:
+    """One optimizer step: forward/backward over the microbatches, finalize, optimizer step.
+
+    `after_backward(engine)` runs after the gradients are final and before the optimizer step.
+    The loss is that of the last pipeline stage, shared with every rank.
+    """
+    for chunk in engine.model:
+        chunk.zero_grad_buffer()
+    engine.optimizer.zero_grad()
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=microbatches,
+        model=engine.model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    if after_backward is not None:
+        after_backward(engine)
+    update_successful, grad_norm, _ = engine.optimizer.step()
+    return StepResult(
+        loss=reduce_loss(outputs),
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        update_successful=bool(update_successful),
+    )
+
+
+def reduce_loss(outputs: list) -> float:
+    """Mean 'lm loss' over microbatches and data-parallel ranks, broadcast from the last stage."""
+    value = torch.zeros(1, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage():
+        value[0] = torch.stack([o["lm loss"].double() for o in outputs]).mean()
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= parallel_state.get_data_parallel_world_size()
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(value, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return value.item()

@@ -1,0 +1,213 @@
+"""Run one WeSaR GPT training case on megatron-core and on the dense reference, step by step.
+
+`run_megatron_case` runs inside every rank of a gloo group (megatron DDP, the megatron optimizer,
+the pipeline schedules, finalize_model_grads); `run_reference_case` replays the same steps on the
+reference decoder from the gathered initial weights. Both return per-step losses, gate gradients
+(before clipping), global grad norms and gate values after each optimizer step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gather import gather_canonical
+from reference import ReferenceArch, ReferenceGPT, reference_adamw
+
+
+@dataclass(frozen=True)
+class Case:
+    """One oracle configuration (float64 unless dtype says otherwise)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    sp: bool = False
+    tied: bool = False
+    backbone: str = "he"
+    swiglu: bool = False
+    rope: bool = False
+    rmsnorm: bool = False
+    enabled: bool = True
+    distributed_optimizer: bool = False
+    defer_gate_grad_reduction: bool = True
+    steps: int = 5
+    micro_batches: int = 2
+    micro_batch_size: int = 2
+    seq_len: int = 16
+    num_layers: int = 2
+    hidden_size: int = 32
+    num_heads: int = 4
+    ffn_hidden_size: int = 64
+    vocab_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    seed: int = 1234
+    dtype: torch.dtype = torch.float64
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def arch(self) -> ReferenceArch:
+        return ReferenceArch(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            ffn_hidden_size=self.ffn_hidden_size,
+            max_seq_len=self.seq_len,
+            swiglu=self.swiglu,
+            rope=self.rope,
+            tied=self.tied,
+            rmsnorm=self.rmsnorm,
+        )
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        """Token ids [global batch, seq_len + 1] of `step`, the same for every layout."""
+        rows = self.dp * self.micro_batches * self.micro_batch_size
+        gen = torch.Generator().manual_seed(self.seed * 1000 + step)
+        return torch.randint(0, self.vocab_size, (rows, self.seq_len + 1), generator=gen)
+
+
+def transformer_config(case: Case):
+    """The megatron-core TransformerConfig of a case."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=case.num_layers,
+        hidden_size=case.hidden_size,
+        num_attention_heads=case.num_heads,
+        ffn_hidden_size=case.ffn_hidden_size,
+        tensor_model_parallel_size=case.tp,
+        pipeline_model_parallel_size=case.pp,
+        sequence_parallel=case.sp,
+        params_dtype=case.dtype,
+        pipeline_dtype=case.dtype,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gated_linear_unit=case.swiglu,
+        activation_func=F.silu if case.swiglu else F.gelu,
+        normalization="RMSNorm" if case.rmsnorm else "LayerNorm",
+        add_bias_linear=True,
+    )
+
+
+def _wesar_config(case: Case):
+    from megatron_wesar.config import WeSaRConfig
+
+    return WeSaRConfig(
+        backbone=case.backbone,
+        enabled=case.enabled,
+        defer_gate_grad_reduction=case.defer_gate_grad_reduction,
+    )
+
+
+def build_case_model(case: Case):
+    """Initialise model parallelism for `case` on this rank and build its bare model."""
+    from megatron_wesar.spec import build_gpt_model
+    from megatron_wesar.training.engine import initialize_parallel
+
+    initialize_parallel(case.tp, case.pp, case.seed)
+    return build_gpt_model(transformer_config(case), _wesar_config(case), case.vocab_size,
+                           case.seq_len, **_gpt_kwargs(case))
+
+
+def _gpt_kwargs(case: Case) -> dict:
+    return dict(
+        share_embeddings_and_output_weights=case.tied,
+        position_embedding_type="rope" if case.rope else "learned_absolute",
+    )
+
+
+def _microbatches(case: Case, step: int):
+    from megatron.core import parallel_state
+
+    from megatron_wesar.training.batches import microbatches
+
+    return microbatches(
+        case.global_batch(step),
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+        case.micro_batch_size,
+    )
+
+
+def run_megatron_case(rank: int, world_size: int, case: Case) -> dict:
+    """Train `case` for case.steps steps on this rank; return the gathered per-step records."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_wesar.training.engine import build_engine, initialize_parallel, train_step
+
+    assert world_size == case.world_size
+    initialize_parallel(case.tp, case.pp, case.seed)
+    engine = build_engine(
+        transformer_config(case),
+        _wesar_config(case),
+        case.vocab_size,
+        case.seq_len,
+        OptimizerConfig(
+            optimizer="adam",
+            lr=case.lr,
+            weight_decay=case.weight_decay,
+            adam_beta1=case.betas[0],
+            adam_beta2=case.betas[1],
+            adam_eps=case.eps,
+            clip_grad=case.clip_grad,
+            use_distributed_optimizer=case.distributed_optimizer,
+        ),
+        **_gpt_kwargs(case),
+    )
+    records = {"losses": [], "gate_grads": [], "gates": [], "grad_norms": []}
+    records["initial"] = gather_canonical(engine.module)
+
+    def record_gate_grads(engine):
+        grads = gather_canonical(engine.module, values="grad")
+        records["gate_grads"].append({k: v for k, v in grads.items() if k.endswith(".gate")})
+
+    for step in range(case.steps):
+        result = train_step(
+            engine,
+            _microbatches(case, step),
+            case.micro_batches,
+            case.micro_batch_size,
+            case.seq_len,
+            after_backward=record_gate_grads,
+        )
+        params = gather_canonical(engine.module)
+        records["gates"].append({k: v for k, v in params.items() if k.endswith(".gate")})
+        records["losses"].append(result.loss)
+        records["grad_norms"].append(result.grad_norm)
+    parallel_state.destroy_model_parallel()
+    return records
+
+
+def run_reference_case(case: Case, initial: dict) -> dict:
+    """Replay `case` on the dense reference decoder loaded from `initial`."""
+    model = ReferenceGPT(case.arch(), initial)
+    optimizer = reference_adamw(model, case.lr, case.betas, case.eps, case.weight_decay)
+    records = {"losses": [], "gate_grads": [], "gates": [], "grad_norms": []}
+    for step in range(case.steps):
+        optimizer.zero_grad()
+        tokens = case.global_batch(step)
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        records["gate_grads"].append({k: g.grad.clone() for k, g in model.gates().items()})
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip_grad)
+        optimizer.step()
+        records["losses"].append(loss.item())
+        records["grad_norms"].append(norm.item())
+        records["gates"].append({k: g.detach().clone() for k, g in model.gates().items()})
+    return records
