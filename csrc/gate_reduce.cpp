@@ -115,15 +115,19 @@ bool allreduce_gate_grads(
   }
   if (total == 0) return false;
 
+  // fp32 buffer; fp64 when any gradient is fp64 (float64 runs stay exact, on the generic path).
+  bool any_double = false;
+  for (const auto& g : grads) any_double = any_double || g.scalar_type() == at::kDouble;
   const at::Device device = grads.front().device();
-  at::Tensor flat = at::empty({total}, at::TensorOptions().dtype(at::kFloat).device(device));
+  at::Tensor flat = at::empty(
+      {total}, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat).device(device));
 
   enum class Path { kCpu, kCuda, kGeneric };
   Path path = Path::kGeneric;
-  if (contiguous && device.is_cpu()) path = Path::kCpu;
+  if (contiguous && !any_double && device.is_cpu()) path = Path::kCpu;
 #ifdef WITH_CUDA
   at::Tensor table;
-  if (contiguous && device.is_cuda()) {
+  if (contiguous && !any_double && device.is_cuda()) {
     path = Path::kCuda;
     table = make_cuda_table(grads);
   }

@@ -8,8 +8,8 @@
 
 namespace megatron_wesar {
 
-// Sums every tensor in `grads` over `pg` with a single all-reduce on one fp32 buffer and writes
-// the result back in place (cast to each tensor's dtype). Returns true if any written-back value
+// Sums every tensor in `grads` over `pg` with a single all-reduce on one fp32 buffer (fp64 when any
+// tensor is fp64) and writes the result back in place (cast to each tensor's dtype). Returns true if any written-back value
 // is non-finite. An empty list performs no collective and returns false.
 bool allreduce_gate_grads(
     const std::vector<at::Tensor>& grads,

@@ -1,7 +1,7 @@
 """One-collective all-reduce of WeSaR gate gradients (DESIGN.md section 3).
 
 Every partial-sum gate gradient is a tiny tensor (usually shape (1,)). `allreduce_gate_grads`
-packs all of them into one fp32 buffer, sums it with a single all-reduce and writes the result
+packs all of them into one fp32 buffer (fp64 when any gradient is fp64), sums it with a single all-reduce and writes the result
 back in place, reporting whether any reduced value is non-finite. The C++ extension
 `megatron_wesar._C` (csrc/) does this in one call; when it is not built, a pure-PyTorch path
 with bitwise-identical results is used instead, after one warning.
@@ -54,7 +54,8 @@ def allreduce_gate_grads(grads: Sequence[torch.Tensor], group=None) -> bool:
     """Sum `grads` over `group` in place with ONE fp32 all-reduce; True if any result is non-finite.
 
     `grads` are float32/float64/float16/bfloat16 tensors on one device, identical in number and
-    shape on every rank of `group` (`None`: the default world group). Each is cast to fp32,
+    shape on every rank of `group` (`None`: the default world group). Each is cast to fp32 (fp64
+    when any of them is fp64),
     summed, and cast back to its own dtype. An empty list (or only empty tensors) runs no
     collective and returns False; so does a rank that is not a member of `group`.
     """
@@ -69,6 +70,11 @@ def allreduce_gate_grads(grads: Sequence[torch.Tensor], group=None) -> bool:
     if _C is not None:
         return _C.allreduce_gate_grads(grads, group)
     return _allreduce_gate_grads_torch(grads, group)
+
+
+def _buffer_dtype(grads: Sequence[torch.Tensor]) -> torch.dtype:
+    """fp32, or fp64 when any gradient is fp64 (float64 runs stay exact)."""
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
 
 
 def _allreduce_gate_grads_torch(grads: Sequence[torch.Tensor], group) -> bool:
@@ -89,8 +95,8 @@ def _allreduce_gate_grads_torch(grads: Sequence[torch.Tensor], group) -> bool:
     if total == 0:
         return False
     with torch.no_grad():
-        flat = torch.empty(total, dtype=torch.float32, device=grads[0].device)
-        torch.cat([g.reshape(-1) for g in grads], out=flat)  # casts to fp32 like .to(float32)
+        flat = torch.empty(total, dtype=_buffer_dtype(grads), device=grads[0].device)
+        torch.cat([g.reshape(-1) for g in grads], out=flat)  # casts like .to(flat.dtype)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         finite = torch.isfinite(flat).all()
         views = [

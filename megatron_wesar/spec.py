@@ -16,6 +16,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
@@ -69,6 +74,17 @@ def get_wesar_layer_spec(wesar: WeSaRConfig) -> ModuleSpec:
     )
 
 
+def get_wesar_block_spec(config, wesar: WeSaRConfig, vp_stage: int | None = None) -> ModuleSpec:
+    """The TransformerBlock spec of this pipeline stage: gated layers and a TorchNorm final norm."""
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(
+            layer_specs=[get_wesar_layer_spec(wesar)] * num_layers, layer_norm=TorchNorm
+        ),
+    )
+
+
 class WeSaRGPTModel(GPTModel):
     """megatron-core GPTModel with a gated word embedding and a gated output layer.
 
@@ -92,9 +108,11 @@ class WeSaRGPTModel(GPTModel):
                 wesar=wesar,
             )
             position = getattr(self.embedding, "position_embeddings", None)
-            if position is not None and config.perform_initialization:
-                std = sigma_role("embedding", shape, wesar)
-                torch.nn.init.normal_(position.weight, mean=0.0, std=std)
+            if position is not None:
+                position.to(dtype=config.params_dtype)
+                if config.perform_initialization:
+                    std = sigma_role("embedding", shape, wesar)
+                    torch.nn.init.normal_(position.weight, mean=0.0, std=std)
         if self.post_process:
             old = self.output_layer
             tied = self.share_embeddings_and_output_weights
@@ -173,7 +191,7 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage()
     return WeSaRGPTModel(
         config,
-        get_wesar_layer_spec(wesar),
+        get_wesar_block_spec(config, wesar, vp_stage=gpt_kwargs.get("vp_stage")),
         vocab_size,
         max_sequence_length,
         wesar=wesar,

@@ -8,6 +8,7 @@ reference decoder from the gathered initial weights. Both return per-step losses
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,9 @@ class Case:
     num_heads: int = 4
     ffn_hidden_size: int = 64
     vocab_size: int = 64
-    lr: float = 3e-3
+    lr: float = 5e-4
     weight_decay: float = 0.1
-    clip_grad: float = 1.0
+    clip_grad: float = 0.0  # megatron's clip asserts fp32 grads: float64 cases run unclipped
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     seed: int = 1234
@@ -70,7 +71,7 @@ class Case:
     def global_batch(self, step: int) -> torch.Tensor:
         """Token ids [global batch, seq_len + 1] of `step`, the same for every layout."""
         rows = self.dp * self.micro_batches * self.micro_batch_size
-        gen = torch.Generator().manual_seed(self.seed * 1000 + step)
+        gen = torch.Generator().manual_seed(self.seed)  # one batch, memorised over the steps
         return torch.randint(0, self.vocab_size, (rows, self.seq_len + 1), generator=gen)
 
 
@@ -125,9 +126,12 @@ def build_case_model(case: Case):
 
 
 def _gpt_kwargs(case: Case) -> dict:
+    # megatron's vocab-parallel cross-entropy computes in fp32; float64 cases gather the logits
+    # (parallel_output=False) and take the cross-entropy in float64 themselves.
     return dict(
         share_embeddings_and_output_weights=case.tied,
         position_embedding_type="rope" if case.rope else "learned_absolute",
+        parallel_output=case.dtype != torch.float64,
     )
 
 
@@ -144,12 +148,34 @@ def _microbatches(case: Case, step: int):
     )
 
 
+def _float64_forward_step(data_iterator, model):
+    """Forward one microbatch; on the last stage the loss is a float64 cross-entropy of the full
+    logits."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None)
+    return output, partial(_float64_loss, batch["labels"], batch["loss_mask"])
+
+
+def _float64_loss(labels, loss_mask, logits):
+    from megatron_wesar.training.engine import masked_mean_loss
+
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+    ).view_as(labels)
+    return masked_mean_loss(loss_mask, per_token)
+
+
 def run_megatron_case(rank: int, world_size: int, case: Case) -> dict:
     """Train `case` for case.steps steps on this rank; return the gathered per-step records."""
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_wesar.training.engine import build_engine, initialize_parallel, train_step
+    from megatron_wesar.training.engine import (
+        build_engine,
+        initialize_parallel,
+        lm_forward_step,
+        train_step,
+    )
 
     assert world_size == case.world_size
     initialize_parallel(case.tp, case.pp, case.seed)
@@ -174,6 +200,9 @@ def run_megatron_case(rank: int, world_size: int, case: Case) -> dict:
     records["initial"] = gather_canonical(engine.module)
 
     def record_gate_grads(engine):
+        if case.distributed_optimizer:
+            records["gate_grads"].append(None)
+            return
         grads = gather_canonical(engine.module, values="grad")
         records["gate_grads"].append({k: v for k, v in grads.items() if k.endswith(".gate")})
 
@@ -184,6 +213,7 @@ def run_megatron_case(rank: int, world_size: int, case: Case) -> dict:
             case.micro_batches,
             case.micro_batch_size,
             case.seq_len,
+            forward_step_func=_float64_forward_step if case.dtype == torch.float64 else lm_forward_step,
             after_backward=record_gate_grads,
         )
         params = gather_canonical(engine.module)
@@ -205,7 +235,7 @@ def run_reference_case(case: Case, initial: dict) -> dict:
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         records["gate_grads"].append({k: g.grad.clone() for k, g in model.gates().items()})
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip_grad or float("inf"))
         optimizer.step()
         records["losses"].append(loss.item())
         records["grad_norms"].append(norm.item())

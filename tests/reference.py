@@ -68,12 +68,14 @@ def _rotate_half(x):
 
 
 def _rope(x, base: float):
-    """Rotary embedding (rotate-half form) of x: [batch, heads, seq, head_dim]."""
+    """Rotary embedding (rotate-half form) of x: [batch, heads, seq, head_dim].
+
+    The angles and their cos/sin are computed in float32, as megatron-core defines them."""
     seq, dim = x.shape[-2], x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    angles = torch.outer(torch.arange(seq, dtype=torch.float64), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1).to(x.dtype)
-    return x * angles.cos() + _rotate_half(x) * angles.sin()
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return x * angles.cos().to(x.dtype) + _rotate_half(x) * angles.sin().to(x.dtype)
 
 
 class Block(torch.nn.Module):

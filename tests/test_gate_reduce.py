@@ -27,28 +27,34 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(_INT_VIEW[t.dtype])
 
 
-def _make_grads(rank: int, seed: int = 0) -> list[torch.Tensor]:
-    """Mixed-dtype gate gradients with different values on every rank (plus a few wider ones)."""
+def _make_grads(rank: int, seed: int = 0, fp64: bool = True) -> list[torch.Tensor]:
+    """Mixed-dtype gate gradients with different values on every rank (plus a few wider ones).
+
+    With `fp64` some are float64, which makes the packed buffer float64 (the generic path)."""
     gen = torch.Generator().manual_seed(1000 * seed + rank)
-    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    wide = torch.float64 if fp64 else torch.float32
+    dtypes = [torch.float32, wide, torch.bfloat16, torch.float16]
     grads = [
         (torch.randn(1, generator=gen, dtype=torch.float64) * 10 ** (i % 5 - 2)).to(dtypes[i % 4])
         for i in range(37)
     ]
     grads.append(torch.randn(3, 2, generator=gen, dtype=torch.float64).to(torch.bfloat16))
-    grads.append(torch.randn(4, generator=gen, dtype=torch.float64))
+    grads.append(torch.randn(4, generator=gen, dtype=torch.float64).to(wide))
     grads.append(torch.randn(4, 3, generator=gen).t())  # non-contiguous: generic path
     grads.append(torch.empty(0))  # owns no slot
     return grads
 
 
 def _expected(grads_per_rank: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Sum over ranks in fp32 (exact for 2 ranks: a single rounding), cast back."""
+    """Sum over ranks in the buffer dtype (fp32, or fp64 when any grad is fp64; exact for 2 ranks:
+    a single rounding), cast back."""
+    fp64 = any(g.dtype == torch.float64 for g in grads_per_rank[0])
+    buffer = torch.float64 if fp64 else torch.float32
     out = []
     for per_rank in zip(*grads_per_rank):
-        total = per_rank[0].float()
+        total = per_rank[0].to(buffer)
         for g in per_rank[1:]:
-            total = total + g.float()
+            total = total + g.to(buffer)
         out.append(total.to(per_rank[0].dtype))
     return out
 
@@ -59,8 +65,9 @@ def _expected(grads_per_rank: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 def _compare_worker(rank, world_size):
     sub = dist.new_group([0, 1])
     results = {}
-    for name, group in (("world", None), ("new_group", sub)):
-        ext = _make_grads(rank, seed=1)
+    for name, group, fp64 in (("world", None, False), ("new_group", sub, False),
+                              ("world-fp64", None, True)):
+        ext = _make_grads(rank, seed=1, fp64=fp64)
         ref = [g.clone() for g in ext]
         ext_flag = gate_reduce._C.allreduce_gate_grads(
             ext, dist.group.WORLD if group is None else group
@@ -104,7 +111,11 @@ def _nonfinite_worker(rank, world_size, use_extension):
         flags[case] = reduce(grads, group)
     # Finite on every rank, overflows only when cast back to fp16 / out of fp32 range.
     flags["fp16_overflow"] = reduce([torch.ones(1), torch.full((1,), 60000.0, dtype=torch.float16)], group)
-    flags["fp64_out_of_fp32_range"] = reduce([torch.full((1,), 1e300, dtype=torch.float64)], group)
+    flags["fp32_out_of_range_sum"] = reduce([torch.full((1,), 3e38), torch.ones(1)], group)
+    # fp64 gradients are summed in fp64: 1e300 stays finite, 1 + 1e-12 is not rounded to fp32
+    fp64 = [torch.full((1,), 1e300, dtype=torch.float64), torch.full((1,), 0.5 + 1e-12, dtype=torch.float64)]
+    flags["fp64_large"] = reduce(fp64, group)
+    flags["fp64_exact"] = fp64[1].item() == 2 * (0.5 + 1e-12)
     return flags
 
 
@@ -167,10 +178,9 @@ def test_extension_available_flag():
 @needs_extension
 def test_extension_matches_fallback_bitwise():
     results = run_distributed(_compare_worker, 2)
-    inputs = [_make_grads(r, seed=1) for r in range(2)]
-    expected = _expected(inputs)
     for rank_results in results:
         for name, (ext_flag, ext, ref_flag, ref) in rank_results.items():
+            expected = _expected([_make_grads(r, seed=1, fp64=name.endswith("fp64")) for r in range(2)])
             assert ext_flag is False and ref_flag is False, name
             assert len(ext) == len(ref) == len(expected)
             for i, (a, b, want) in enumerate(zip(ext, ref, expected)):
@@ -210,7 +220,9 @@ def test_nonfinite_detected_on_every_rank(use_extension):
             "-inf": True,
             "nan": True,
             "fp16_overflow": True,
-            "fp64_out_of_fp32_range": True,
+            "fp32_out_of_range_sum": True,
+            "fp64_large": False,
+            "fp64_exact": True,
         }
 
 

@@ -67,27 +67,30 @@ def test_initial_statistics_per_gated_matrix():
                 assert abs(std / role_std - 1) < 0.02, (case.backbone, role, std, role_std)
 
 
-def _loss_and_gate_grads(rank, world_size, case, perturbations):
+def _loss_and_gate_grads(rank, world_size, case, perturbations, rel_step=1e-5):
     """Loss of one batch, autograd gate grads, and losses at gate +/- h (central differences)."""
     from megatron.core import parallel_state
 
+    from megatron_wesar.grads import reduce_gate_grads
     from megatron_wesar.layers import gate_parameters
 
-    model = build_case_model(case)
+    model = build_case_model(case)  # float64 with gathered logits
     tokens = case.global_batch(0)[: case.micro_batch_size]
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(case.seq_len).unsqueeze(0).expand_as(inputs)
 
     def loss():
-        return model(inputs, positions, None, labels=labels).mean()
+        logits = model(inputs, positions, None)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
     loss().backward()
+    reduce_gate_grads([model])  # sums the TP partial-sum gate gradients
     gates = gate_parameters(model)
     grads = {name: g.grad.item() for name, g in gates}
     fd = {}
     with torch.no_grad():
         for name, gate in gates[:perturbations]:
-            h = 1e-6 * abs(gate.item())
+            h = rel_step * abs(gate.item())
             gate += h
             plus = loss().item()
             gate -= 2 * h

@@ -25,12 +25,18 @@ CASES = {
     "tp2-sp-megatron-swiglu-rope": Case(tp=2, sp=True, backbone="megatron", swiglu=True, rope=True),
     "tp2-baseline-sp": Case(tp=2, sp=True, enabled=False),
     "pp2-tied": Case(pp=2, tied=True),
-    "dp2-distopt": Case(dp=2, distributed_optimizer=True),
+    "dp2": Case(dp=2),
     "tp4-sp-tied": Case(tp=4, sp=True, tied=True),
     "tp4-megatron-swiglu-rope": Case(tp=4, backbone="megatron", swiglu=True, rope=True),
     "tp2pp2-sp-tied": Case(tp=2, pp=2, sp=True, tied=True),
+    "tp2-sp-gate-allreduce-in-backward": Case(tp=2, sp=True, defer_gate_grad_reduction=False),
+    # megatron's own fp32 path: vocab-parallel cross-entropy and active gradient clipping
+    "tp2-sp-tied-fp32-clip": Case(tp=2, sp=True, tied=True, dtype=torch.float32, clip_grad=1.0),
+    "tp2dp2-distopt-fp32-clip": Case(
+        tp=2, dp=2, distributed_optimizer=True, dtype=torch.float32, clip_grad=1.0
+    ),
 }
-REL = 1e-6
+REL = {torch.float64: 1e-6, torch.float32: 1e-4}
 
 
 def _run_all(rank, world_size, names):
@@ -44,11 +50,11 @@ def megatron_results(world_size: int) -> dict:
     return run_distributed(_run_all, world_size, names)[0]
 
 
-def _assert_close(actual, expected, what):
+def _assert_close(actual, expected, rel, what):
     actual = torch.as_tensor(actual, dtype=torch.float64)
     expected = torch.as_tensor(expected, dtype=torch.float64)
     err = ((actual - expected).abs() / expected.abs().clamp_min(1e-12)).max().item()
-    assert err <= REL, f"{what}: megatron {actual.tolist()} vs reference {expected.tolist()} (rel {err:.2e})"
+    assert err <= rel, f"{what}: megatron {actual.tolist()} vs reference {expected.tolist()} (rel {err:.2e})"
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -58,12 +64,16 @@ def test_matches_dense_reference(name):
     ref = run_reference_case(case, ours["initial"])
     expected_gates = 0 if not case.enabled else 4 * case.num_layers + 2
     assert len(ref["gate_grads"][0]) == expected_gates
+    rel = REL[case.dtype]
     for step in range(case.steps):
-        _assert_close(ours["losses"][step], ref["losses"][step], f"step {step} loss")
-        _assert_close(ours["grad_norms"][step], ref["grad_norms"][step], f"step {step} grad norm")
-        assert ours["gate_grads"][step].keys() == ref["gate_grads"][step].keys()
-        for key, expected in ref["gate_grads"][step].items():
-            _assert_close(ours["gate_grads"][step][key], expected, f"step {step} grad of {key}")
+        _assert_close(ours["losses"][step], ref["losses"][step], rel, f"step {step} loss")
+        _assert_close(ours["grad_norms"][step], ref["grad_norms"][step], rel, f"step {step} grad norm")
+        if case.distributed_optimizer:  # each DP rank holds only its shard of reduced grads
+            assert ours["gate_grads"][step] is None
+        else:
+            assert ours["gate_grads"][step].keys() == ref["gate_grads"][step].keys()
+        for key, expected in (ref["gate_grads"][step] if ours["gate_grads"][step] else {}).items():
+            _assert_close(ours["gate_grads"][step][key], expected, rel, f"step {step} grad of {key}")
         for key, expected in ref["gates"][step].items():
-            _assert_close(ours["gates"][step][key], expected, f"step {step} value of {key}")
+            _assert_close(ours["gates"][step][key], expected, rel, f"step {step} value of {key}")
     assert ref["losses"][-1] < ref["losses"][0], "the run should learn something in 5 steps"

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer.optimizer_config import ParamGroupOverride, ParamKey
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 from megatron.core.optimizer import get_standard_config_overrides
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -61,12 +62,29 @@ def gate_config_overrides(optimizer_config: OptimizerConfig, wesar: WeSaRConfig)
     return overrides
 
 
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning-rate schedule: linear warm-up from 0, then decay to min_lr ('constant' keeps the
+    peak). Weight decay stays constant."""
+
+    warmup_iters: int = 0
+    decay_iters: int = 1
+    decay_style: str = "constant"
+
+    def __post_init__(self):
+        if self.warmup_iters < 0 or self.decay_iters <= 0:
+            raise ValueError(f"bad LR schedule lengths: {self}")
+        if self.decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"unknown LR decay style {self.decay_style!r}")
+
+
 @dataclass
 class Engine:
-    """The model chunks (DDP-wrapped), the optimizer and the model config of this rank."""
+    """The model chunks (DDP-wrapped), optimizer, LR scheduler and model config of this rank."""
 
     model: List[DistributedDataParallel]
     optimizer: object
+    scheduler: OptimizerParamScheduler
     config: object
 
     @property
@@ -81,10 +99,15 @@ def build_engine(
     vocab_size: int,
     max_sequence_length: int,
     optimizer_config: OptimizerConfig,
+    schedule: LRSchedule = LRSchedule(),
     ddp_config: DistributedDataParallelConfig | None = None,
     **gpt_kwargs,
 ) -> Engine:
-    """Build this rank's WeSaR GPT stage, wrap it in megatron DDP and build the optimizer."""
+    """Build this rank's WeSaR GPT stage, wrap it in megatron DDP, build optimizer and scheduler.
+
+    The scheduler is what applies megatron's per-group lr_mult / wd_mult (no weight decay on the
+    gates, biases and norms; the gate LR multiplier), so it is always built.
+    """
     ddp_config = ddp_config or DistributedDataParallelConfig(
         use_distributed_optimizer=optimizer_config.use_distributed_optimizer
     )
@@ -93,9 +116,22 @@ def build_engine(
     optimizer = get_megatron_optimizer(
         optimizer_config, [ddp], config_overrides=gate_config_overrides(optimizer_config, wesar)
     )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optimizer_config.lr,
+        min_lr=optimizer_config.min_lr if optimizer_config.min_lr is not None else 0.0,
+        lr_warmup_steps=schedule.warmup_iters,
+        lr_decay_steps=schedule.decay_iters,
+        lr_decay_style=schedule.decay_style,
+        start_wd=optimizer_config.weight_decay,
+        end_wd=optimizer_config.weight_decay,
+        wd_incr_steps=schedule.decay_iters,
+        wd_incr_style="constant",
+    )
     transformer_config.finalize_model_grads_func = finalize_model_grads
     transformer_config.no_sync_func = ddp.no_sync
-    return Engine(model=[ddp], optimizer=optimizer, config=transformer_config)
+    return Engine(model=[ddp], optimizer=optimizer, scheduler=scheduler, config=transformer_config)
 
 
 def lm_forward_step(data_iterator: Iterator[dict], model):
@@ -110,7 +146,7 @@ def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Mean of the per-token loss over the unmasked tokens, and its detached copy for logging."""
     mask = loss_mask.to(per_token_loss.dtype)
     loss = (per_token_loss * mask).sum() / mask.sum().clamp_min(1)
-    return loss, {"lm loss": loss.detach()}
+    return loss, {"lm loss": loss.detach().clone()}  # the schedule scales `loss` in place
 
 
 @dataclass
@@ -151,6 +187,8 @@ def train_step(
     if after_backward is not None:
         after_backward(engine)
     update_successful, grad_norm, _ = engine.optimizer.step()
+    if update_successful:
+        engine.scheduler.step(increment=1)
     return StepResult(
         loss=reduce_loss(outputs),
         grad_norm=None if grad_norm is None else float(grad_norm),

@@ -14,7 +14,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import WeSaRConfig
@@ -22,7 +21,7 @@ from ..layers import gate_parameters
 from .arguments import PretrainArgs, parse_pretrain_args
 from .batches import global_batch, microbatches
 from .corpus import BYTE_VOCAB_SIZE, embedded_corpus_bytes, split_tokens
-from .engine import build_engine, initialize_parallel, train_step
+from .engine import LRSchedule, build_engine, initialize_parallel, train_step
 
 
 def init_distributed() -> None:
@@ -119,21 +118,9 @@ def pretrain(args: PretrainArgs, log=print) -> list[dict]:
         BYTE_VOCAB_SIZE,
         args.seq_length,
         optimizer_config_from_args(args),
+        LRSchedule(args.lr_warmup_iters, args.train_iters, "cosine"),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
-    )
-    scheduler = OptimizerParamScheduler(
-        engine.optimizer,
-        init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.train_iters,
-        lr_decay_style="cosine",
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
     )
     tokens = split_tokens(embedded_corpus_bytes()).train
     num_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
@@ -143,14 +130,13 @@ def pretrain(args: PretrainArgs, log=print) -> list[dict]:
         batch = global_batch(tokens, args.seq_length, args.global_batch_size, args.seed, step)
         result = train_step(engine, microbatches(batch, dp_rank, dp_size, args.micro_batch_size),
                             num_micro, args.micro_batch_size, args.seq_length)
-        scheduler.step(increment=1)
         if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters:
             elapsed = time.perf_counter() - start
             gates = [g.item() for _, g in gate_parameters(engine.module)]
             record = {
                 "iteration": step + 1,
                 "loss": result.loss,
-                "lr": scheduler.get_lr(engine.optimizer.param_groups[0]),
+                "lr": engine.scheduler.get_lr(engine.optimizer.param_groups[0]),
                 "grad_norm": result.grad_norm,
                 "tokens_per_s": args.global_batch_size * args.seq_length * (step + 1) / elapsed,
                 "gate_min": min(gates) if gates else None,
