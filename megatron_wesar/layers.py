@@ -94,9 +94,9 @@ class _Gated:
     ) -> None:
         self.role = role
         self.wesar = wesar
-        self.gate_placement = placement
+        self.gate_placement = placement if is_gated(role, wesar) else None
         self._reduce_gate_grad_in_backward = False
-        if not is_gated(role, wesar):
+        if self.gate_placement is None:
             self.register_parameter("gate", None)
             return
         value = gate_initial_value(role, shape, wesar, weight_role=weight_role)
@@ -185,8 +185,8 @@ class GatedColumnParallelLinear(ColumnParallelLinear, _Gated):
         tp = _tp_size(kwargs)
         sp = bool(config.sequence_parallel) and tp > 1
         input_partial = sp or kwargs.get("disable_grad_reduce", False)
-        placement = "input"
-        if tp > 1 and not gather_output:
+        placement = "input" if is_gated(role, wesar) else None
+        if placement and tp > 1 and not gather_output:
             placement = cheapest_placement(
                 input_size / (tp if sp else 1),
                 output_size / tp,
@@ -239,8 +239,8 @@ class GatedRowParallelLinear(RowParallelLinear, _Gated):
         shape = _shape_of(config)
         tp = _tp_size(kwargs)
         sp = bool(config.sequence_parallel) and tp > 1
-        placement = "output"
-        if tp > 1 and input_is_parallel:
+        placement = "output" if is_gated(role, wesar) else None
+        if placement and tp > 1 and input_is_parallel:
             placement = cheapest_placement(
                 input_size / tp,
                 output_size / (tp if sp else 1),
