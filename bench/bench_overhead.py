@@ -37,7 +37,7 @@ VARIANTS = ("baseline", "wesar", "wesar_in_backward")
 
 
 def _engine(args, variant):
-    from megatron_wesar.training.corpus import BYTE_VOCAB_SIZE
+    from megatron_wesar.data.corpus import BYTE_VOCAB_SIZE
     from megatron_wesar.training.engine import build_engine
     from megatron_wesar.training.pretrain import (
         optimizer_config_from_args,
@@ -66,20 +66,19 @@ def _worker(rank, world, port, argv, reps, queue):
     from megatron.core import parallel_state
 
     from megatron_wesar.training.arguments import parse_pretrain_args
-    from megatron_wesar.training.batches import global_batch, microbatches
-    from megatron_wesar.training.corpus import embedded_corpus_bytes, split_tokens
+    from megatron_wesar.data.sources import EmbeddedCorpus, microbatches
     from megatron_wesar.training.engine import initialize_parallel, train_step
 
     dist.init_process_group("gloo")
     args = parse_pretrain_args(argv + ["--tensor-model-parallel-size", "2", "--lr", "1e-4"])
     initialize_parallel(2, 1, args.seed)
     engines = {v: _engine(args, v) for v in VARIANTS}
-    tokens = split_tokens(embedded_corpus_bytes(2_000_000)).train
+    data = EmbeddedCorpus(args.seq_length, args.seed, max_bytes=2_000_000)
     num_micro = args.global_batch_size // args.micro_batch_size
     times = {v: [] for v in VARIANTS}
     for rep in range(reps + 2):  # two warm-up rounds
         for variant in VARIANTS if rep % 2 == 0 else reversed(VARIANTS):
-            batch = global_batch(tokens, args.seq_length, args.global_batch_size, args.seed, rep)
+            batch = data.train_batch(rep, args.global_batch_size)
             dist.barrier()
             start = time.perf_counter()
             train_step(engines[variant], microbatches(batch, 0, 1, args.micro_batch_size),

@@ -1,4 +1,5 @@
-"""The `megatron-wesar` command: `pretrain` (the driver) and `demo` (README's main job)."""
+"""The `megatron-wesar` command: `pretrain` (the driver), `preprocess` (indexed datasets) and
+`demo` (README's main job)."""
 from __future__ import annotations
 
 import sys
@@ -21,7 +22,7 @@ def run_demo() -> int:
 def main(argv=None) -> int:
     """Dispatch `megatron-wesar <command> [args]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"pretrain": _pretrain, "demo": lambda rest: run_demo()}
+    commands = {"pretrain": _pretrain, "preprocess": _preprocess, "demo": lambda rest: run_demo()}
     if not argv or argv[0] not in commands:
         print(f"usage: megatron-wesar {{{','.join(commands)}}} [args]", file=sys.stderr)
         return 2
@@ -32,3 +33,9 @@ def _pretrain(rest) -> int:
     from .training.pretrain import main as pretrain_main
 
     return pretrain_main(rest)
+
+
+def _preprocess(rest) -> int:
+    from .data.preprocess import main as preprocess_main
+
+    return preprocess_main(rest)

@@ -138,10 +138,10 @@ def _gpt_kwargs(case: Case) -> dict:
 def _microbatches(case: Case, step: int):
     from megatron.core import parallel_state
 
-    from megatron_wesar.training.batches import microbatches
+    from megatron_wesar.data.sources import microbatches, windows_to_batch
 
     return microbatches(
-        case.global_batch(step),
+        windows_to_batch(case.global_batch(step)),
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
         case.micro_batch_size,

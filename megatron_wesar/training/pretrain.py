@@ -19,8 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..config import WeSaRConfig
 from ..layers import gate_parameters
 from .arguments import PretrainArgs, parse_pretrain_args
-from .batches import global_batch, microbatches
-from .corpus import BYTE_VOCAB_SIZE, embedded_corpus_bytes, split_tokens
+from ..data.sources import EmbeddedCorpus, microbatches
 from .engine import LRSchedule, build_engine, initialize_parallel, train_step
 
 
@@ -110,24 +109,24 @@ def pretrain(args: PretrainArgs, log=print) -> list[dict]:
     """Train for args.train_iters steps; return one record per log interval (rank 0 logs)."""
     init_distributed()
     dp_size = args.data_parallel_size(dist.get_world_size())
+    data = EmbeddedCorpus(args.seq_length, args.seed)
     initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         args.seed)
     engine = build_engine(
         transformer_config_from_args(args),
         wesar_config_from_args(args),
-        BYTE_VOCAB_SIZE,
+        data.vocab_size,
         args.seq_length,
         optimizer_config_from_args(args),
         LRSchedule(args.lr_warmup_iters, args.train_iters, "cosine"),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
     )
-    tokens = split_tokens(embedded_corpus_bytes()).train
     num_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
     dp_rank = parallel_state.get_data_parallel_rank()
     records, start = [], time.perf_counter()
     for step in range(args.train_iters):
-        batch = global_batch(tokens, args.seq_length, args.global_batch_size, args.seed, step)
+        batch = data.train_batch(step, args.global_batch_size)
         result = train_step(engine, microbatches(batch, dp_rank, dp_size, args.micro_batch_size),
                             num_micro, args.micro_batch_size, args.seq_length)
         if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters:

@@ -1,0 +1,1 @@
+"""Data: tokenizers, `megatron-wesar preprocess`, and the training data sources."""
