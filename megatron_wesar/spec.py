@@ -21,7 +21,12 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.utils import get_pg_rank
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from .config import WeSaRConfig
@@ -35,11 +40,34 @@ from .layers import (
 from .norm import TorchNorm
 
 
-def get_wesar_layer_spec(wesar: WeSaRConfig) -> ModuleSpec:
+def seed_for_module(init_seed: int, index: int) -> None:
+    """Seed the CPU RNG for the weights of module `index` (global layer number; num_layers + 1 for
+    the word embedding, + 2 for the output layer), so that CPU-initialised weights do not depend
+    on the pipeline (or tensor) parallel layout."""
+    torch.manual_seed(init_seed * 100_003 + index)
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """TransformerLayer whose CPU-initialised weights depend only on (init_seed, layer number).
+
+    With `init_seed=None` it is megatron-core's TransformerLayer unchanged.
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, *, init_seed=None, **kwargs):
+        if init_seed is not None:
+            groups = kwargs.get("pg_collection")
+            pp_rank = get_pg_rank(groups.pp) if groups is not None else None
+            offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"), pp_rank)
+            seed_for_module(init_seed, layer_number + offset)
+        super().__init__(config, submodules, layer_number, **kwargs)
+
+
+def get_wesar_layer_spec(wesar: WeSaRConfig, init_seed: int | None = None) -> ModuleSpec:
     """A pre-LN GPT TransformerLayer spec whose qkv, attention-output, fc1 and fc2 are gated.
 
     The norm follows `config.normalization` (LayerNorm or RMSNorm); the MLP is GeLU or SwiGLU
-    as `config.gated_linear_unit` and `config.activation_func` say.
+    as `config.gated_linear_unit` and `config.activation_func` say. With `init_seed`, each layer's
+    CPU-initialised weights depend only on (init_seed, global layer number).
     """
 
     def column(role):
@@ -49,7 +77,8 @@ def get_wesar_layer_spec(wesar: WeSaRConfig) -> ModuleSpec:
         return ModuleSpec(module=GatedRowParallelLinear, params={"role": role, "wesar": wesar})
 
     return ModuleSpec(
-        module=TransformerLayer,
+        module=SeededTransformerLayer,
+        params={"init_seed": init_seed},
         submodules=TransformerLayerSubmodules(
             input_layernorm=TorchNorm,
             self_attention=ModuleSpec(
@@ -74,14 +103,15 @@ def get_wesar_layer_spec(wesar: WeSaRConfig) -> ModuleSpec:
     )
 
 
-def get_wesar_block_spec(config, wesar: WeSaRConfig, vp_stage: int | None = None) -> ModuleSpec:
+def get_wesar_block_spec(config, wesar: WeSaRConfig, vp_stage: int | None = None,
+                         init_seed: int | None = None) -> ModuleSpec:
     """The TransformerBlock spec of this pipeline stage: gated layers and a TorchNorm final norm."""
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    layer = get_wesar_layer_spec(wesar, init_seed)
     return ModuleSpec(
         module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(
-            layer_specs=[get_wesar_layer_spec(wesar)] * num_layers, layer_norm=TorchNorm
-        ),
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
+                                              layer_norm=TorchNorm),
     )
 
 
@@ -93,11 +123,13 @@ class WeSaRGPTModel(GPTModel):
     """
 
     def __init__(self, config, transformer_layer_spec, vocab_size, max_sequence_length, *,
-                 wesar: WeSaRConfig, **kwargs):
+                 wesar: WeSaRConfig, init_seed: int | None = None, **kwargs):
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         self.wesar = wesar
         shape = ModelShape.from_transformer_config(config)
         if self.pre_process:
+            if init_seed is not None:
+                seed_for_module(init_seed, config.num_layers + 1)
             old = self.embedding.word_embeddings
             self.embedding.word_embeddings = GatedVocabParallelEmbedding(
                 vocab_size,
@@ -114,6 +146,8 @@ class WeSaRGPTModel(GPTModel):
                     std = sigma_role("embedding", shape, wesar)
                     torch.nn.init.normal_(position.weight, mean=0.0, std=std)
         if self.post_process:
+            if init_seed is not None:
+                seed_for_module(init_seed, config.num_layers + 2)
             old = self.output_layer
             tied = self.share_embeddings_and_output_weights
             self.output_layer = GatedColumnParallelLinear(
@@ -177,12 +211,14 @@ def build_gpt_model(
     *,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    init_seed: int | None = None,
     **gpt_kwargs,
 ) -> WeSaRGPTModel:
     """Build the WeSaR GPT model for this rank's pipeline stage.
 
     `gpt_kwargs` go to GPTModel (e.g. share_embeddings_and_output_weights,
-    position_embedding_type='rope'). Pre/post-process default to this rank's stage.
+    position_embedding_type='rope'). Pre/post-process default to this rank's stage. With
+    `init_seed` and CPU initialisation the initial weights do not depend on the TP/PP layout.
     """
     validate_parallel_shapes(config, vocab_size=vocab_size)
     if pre_process is None:
@@ -191,10 +227,11 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage()
     return WeSaRGPTModel(
         config,
-        get_wesar_block_spec(config, wesar, vp_stage=gpt_kwargs.get("vp_stage")),
+        get_wesar_block_spec(config, wesar, gpt_kwargs.get("vp_stage"), init_seed),
         vocab_size,
         max_sequence_length,
         wesar=wesar,
+        init_seed=init_seed,
         pre_process=pre_process,
         post_process=post_process,
         **gpt_kwargs,

@@ -129,6 +129,7 @@ def _gpt_kwargs(case: Case) -> dict:
     # megatron's vocab-parallel cross-entropy computes in fp32; float64 cases gather the logits
     # (parallel_output=False) and take the cross-entropy in float64 themselves.
     return dict(
+        init_seed=case.seed,
         share_embeddings_and_output_weights=case.tied,
         position_embedding_type="rope" if case.rope else "learned_absolute",
         parallel_output=case.dtype != torch.float64,

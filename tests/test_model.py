@@ -189,3 +189,22 @@ def test_parallel_shape_errors():
         validate_parallel_shapes(config(), tp_size=2)
     with pytest.raises(ValueError, match="vocab_size=63 is not divisible"):
         validate_parallel_shapes(config(tensor_model_parallel_size=2), tp_size=2, vocab_size=63)
+
+
+def _initial_weights(rank, world_size, case):
+    from megatron.core import parallel_state
+
+    model = build_case_model(case)
+    weights = gather_canonical(model)
+    parallel_state.destroy_model_parallel()
+    return weights
+
+
+def test_initial_weights_do_not_depend_on_the_parallel_layout():
+    base = Case(num_layers=4, tied=False, swiglu=True)
+    single = run_distributed(_initial_weights, 1, base)[0]
+    for layout in (dict(tp=2, pp=2), dict(pp=4)):
+        other = run_distributed(_initial_weights, 4, replace(base, **layout))[0]
+        assert other.keys() == single.keys()
+        for key, value in single.items():
+            assert torch.equal(other[key], value), (layout, key)
