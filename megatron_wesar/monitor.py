@@ -25,8 +25,9 @@ Every method that returns floats returns a flat dict a driver can dump as one JS
                            weight_rms_spread            max / min over roles of weight_rms_mean
     GateTrajectory.record  gate/<matrix>                the gate value (only gated matrices)
 
-Statistics cover this rank's pipeline stage (reduced over its tensor-parallel group only): with
-pipeline parallelism, merge the dicts of the stages (matrix keys are unique across stages).
+Norms are reduced over the tensor-parallel group on the device; with pipeline parallelism
+`UpdateRatioMonitor.read` merges the stages' matrices on the host, so the per-role statistics
+cover the whole model.
 """
 from __future__ import annotations
 
@@ -251,6 +252,14 @@ def gated_matrices(model) -> list[Matrix]:
     return out
 
 
+def _default_pp_group():
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_pipeline_model_parallel_group()
+    return None
+
+
 def _default_tp_group():
     from megatron.core import parallel_state
 
@@ -285,19 +294,7 @@ class UpdateRatioMonitor:
         self._keep = torch.tensor(keep * 2, dtype=self.dtype, device=self.device)
         numel = [m.weight.numel() * (self.tp_size if m.sharded else 1) for m in self.matrices]
         self._numel = torch.tensor(numel, dtype=self.dtype, device=self.device)
-        self.roles = [r for r in ROLES if any(m.role == r for m in self.matrices)]
-        self._role_index = torch.tensor([self.roles.index(m.role) for m in self.matrices],
-                                        dtype=torch.long, device=self.device)
-        counts = torch.bincount(self._role_index, minlength=len(self.roles))
-        self._role_count = counts.to(self.dtype)
-        names = [m.name for m in self.matrices]
-        self.keys = (
-            [f"update_ratio/{n}" for n in names]
-            + [f"weight_norm/{n}" for n in names]
-            + [f"update_ratio_mean/{r}" for r in self.roles] + ["update_ratio_spread"]
-            + [f"weight_norm_mean/{r}" for r in self.roles] + ["weight_norm_spread"]
-            + [f"weight_rms_mean/{r}" for r in self.roles] + ["weight_rms_spread"]
-        )
+        self.pp_group = _default_pp_group()
         self._w0: dict[int, torch.Tensor] = {}
         self._g0: torch.Tensor | None = None
         self._last: torch.Tensor | None = None
@@ -347,19 +344,48 @@ class UpdateRatioMonitor:
         delta_sq, weight_sq = sums.chunk(2)
         norms = weight_sq.sqrt()
         ratios = delta_sq.sqrt() / norms
-        parts = [ratios, norms]
-        for values in (ratios, norms, norms / self._numel.sqrt()):
-            means = torch.zeros(len(self.roles), dtype=self.dtype, device=self.device)
-            means = means.index_add_(0, self._role_index, values) / self._role_count
-            parts += [means, (means.max() / means.min()).reshape(1)]
-        self._last = torch.cat(parts)
+        self._last = torch.cat([ratios, norms])
         return {m.name: ratios[i] for i, m in enumerate(self.matrices)}
 
     def read(self) -> dict:
-        """The last measurement as host floats (one device-to-host copy); {} before any."""
+        """The last measurement as host floats (one device-to-host copy); {} before any.
+
+        With pipeline parallelism every stage must call it: the stages' matrices are merged
+        (one object all-gather over the pipeline group) so the per-role statistics cover the
+        whole model.
+        """
         if self._last is None:
             return {}
-        return dict(zip(self.keys, self._last.tolist()))
+        n = len(self.matrices)
+        values = self._last.tolist()
+        rows = [(m.name, m.role, values[i], values[n + i], int(self._numel[i]))
+                for i, m in enumerate(self.matrices)]
+        if self.pp_group is not None and dist.get_world_size(self.pp_group) > 1:
+            stages = [None] * dist.get_world_size(self.pp_group)
+            dist.all_gather_object(stages, rows, group=self.pp_group)
+            rows = [row for stage in stages for row in stage]
+        return matrix_statistics(rows)
+
+
+def matrix_statistics(rows) -> dict:
+    """The read() keys from rows (name, role, update ratio, ||W_eff||, numel) of all matrices."""
+    out = {f"update_ratio/{name}": ratio for name, _, ratio, _, _ in rows}
+    out.update({f"weight_norm/{name}": norm for name, _, _, norm, _ in rows})
+    roles = [r for r in ROLES if any(row[1] == r for row in rows)]
+    for key, value_of in (
+        ("update_ratio", lambda row: row[2]),
+        ("weight_norm", lambda row: row[3]),
+        ("weight_rms", lambda row: row[3] / math.sqrt(row[4])),
+    ):
+        means = {}
+        for role in roles:
+            values = [value_of(row) for row in rows if row[1] == role]
+            means[role] = sum(values) / len(values)
+            out[f"{key}_mean/{role}"] = means[role]
+        if means:
+            low, high = min(means.values()), max(means.values())
+            out[f"{key}_spread"] = high / low if low > 0 else math.inf
+    return out
 
 
 class GateTrajectory:

@@ -78,8 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
-    g = p.add_argument_group("logging")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="Megatron indexed dataset prefixes, optionally weighted "
+                        "('0.3 a 0.7 b'); default: the embedded byte corpus")
+    g.add_argument("--split", default="98,2,0", help="train,valid,test split of --data-path")
+    g.add_argument("--tokenizer-file", default=None,
+                   help="Hugging Face tokenizer.json of --data-path (default: byte tokenizer)")
+    g.add_argument("--data-cache-path", default=None)
+    g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="validation every this many iterations (and after the last)")
+    g.add_argument("--eval-iters", type=int, default=4, help="validation batches per evaluation")
+    g.add_argument("--metrics-file", default=None, help="JSONL metrics of the run")
+    g.add_argument("--tensorboard-dir", default=None)
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", type=str, default=None,
+                   help="directory to save checkpoints to (iter_NNNNNNN/ + tracker file)")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="save every this many iterations (and always at the end)")
+    g.add_argument("--load", type=str, default=None,
+                   help="resume from the latest checkpoint in this directory (or from one "
+                        "iter_NNNNNNN/ directory); the same directory as --save starts from "
+                        "scratch while it holds no checkpoint yet")
     return p
 
 
@@ -121,6 +143,18 @@ class PretrainArgs:
     use_distributed_optimizer: bool
     log_interval: int
     preset: str = "tiny"
+    data_path: list | None = None
+    split: str = "98,2,0"
+    tokenizer_file: str | None = None
+    data_cache_path: str | None = None
+    eval_interval: int | None = None
+    eval_iters: int = 4
+    metrics_file: str | None = None
+    tensorboard_dir: str | None = None
+    # checkpointing
+    save: str | None = None
+    save_interval: int | None = None
+    load: str | None = None
 
     def __post_init__(self):
         positive = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -131,8 +165,16 @@ class PretrainArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.eval_interval is not None and self.eval_interval <= 0:
+            raise ValueError(f"--eval-interval must be > 0, got {self.eval_interval}")
+        if self.eval_iters <= 0:
+            raise ValueError(f"--eval-iters must be > 0, got {self.eval_iters}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.save_interval is not None and self.save_interval <= 0:
+            raise ValueError(f"--save-interval must be > 0, got {self.save_interval}")
+        if self.save_interval is not None and not self.save:
+            raise ValueError("--save-interval needs --save DIR")
         if self.num_layers % self.pipeline_model_parallel_size:
             raise ValueError(
                 f"--num-layers {self.num_layers} is not divisible by "

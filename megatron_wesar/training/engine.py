@@ -180,15 +180,8 @@ def train_step(
     for chunk in engine.model:
         chunk.zero_grad_buffer()
     engine.optimizer.zero_grad()
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=microbatches,
-        model=engine.model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    outputs = _run_schedule(engine, forward_step_func, microbatches, num_microbatches,
+                            micro_batch_size, seq_length, forward_only=False)
     if after_backward is not None:
         after_backward(engine)
     update_successful, grad_norm, _ = engine.optimizer.step()
@@ -198,6 +191,20 @@ def train_step(
         loss=reduce_loss(outputs),
         grad_norm=None if grad_norm is None else float(grad_norm),
         update_successful=bool(update_successful),
+    )
+
+
+def _run_schedule(engine, forward_step_func, microbatches, num_microbatches, micro_batch_size,
+                  seq_length, forward_only: bool) -> list:
+    """megatron-core's pipeline schedule (no pipelining when PP = 1) over the microbatches."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=microbatches,
+        model=engine.model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
     )
 
 
@@ -211,3 +218,20 @@ def reduce_loss(outputs: list) -> float:
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(value, src=last, group=parallel_state.get_pipeline_model_parallel_group())
     return value.item()
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, batches: Iterator[Iterator[dict]], num_microbatches: int,
+             micro_batch_size: int, seq_length: int,
+             forward_step_func: Callable = lm_forward_step) -> float:
+    """Mean loss over `batches` (each an iterator of this rank's microbatches), forward only."""
+    for chunk in engine.model:
+        chunk.eval()
+    losses = []
+    for microbatches in batches:
+        outputs = _run_schedule(engine, forward_step_func, microbatches, num_microbatches,
+                                micro_batch_size, seq_length, forward_only=True)
+        losses.append(reduce_loss(outputs))
+    for chunk in engine.model:
+        chunk.train()
+    return sum(losses) / len(losses)

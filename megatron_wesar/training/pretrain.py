@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -17,10 +18,13 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import WeSaRConfig
-from ..layers import gate_parameters
+from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
+from ..data.tokenizers import build_tokenizer
+from ..monitor import GateTrajectory, SpikeTracker, UpdateRatioMonitor
 from .arguments import PretrainArgs, parse_pretrain_args
-from ..data.sources import EmbeddedCorpus, microbatches
-from .engine import LRSchedule, build_engine, initialize_parallel, train_step
+from .checkpointing import load_checkpoint, save_checkpoint
+from .engine import LRSchedule, build_engine, evaluate, initialize_parallel, train_step
+from .metrics import MetricsWriter
 
 
 def init_distributed() -> None:
@@ -105,58 +109,139 @@ def optimizer_config_from_args(args: PretrainArgs) -> OptimizerConfig:
     )
 
 
+def build_data(args: PretrainArgs):
+    """The run's data: Megatron indexed datasets (--data-path) or the embedded byte corpus."""
+    if args.data_path is None:
+        return EmbeddedCorpus(args.seq_length, args.seed)
+    return IndexedDatasets(
+        args.data_path, args.split, args.seq_length, args.seed,
+        build_tokenizer(args.tokenizer_file),
+        train_samples=args.train_iters * args.global_batch_size,
+        valid_samples=args.eval_iters * args.global_batch_size,
+        cache_dir=args.data_cache_path,
+    )
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
+    """The vocabulary padded to a multiple of the tensor-parallel size (extra rows never used)."""
+    return -(-vocab_size // tensor_model_parallel_size) * tensor_model_parallel_size
+
+
+def gather_stage_dicts(values: dict) -> dict:
+    """Merge dicts of all pipeline stages (keys are unique per stage); identity without PP."""
+    group = parallel_state.get_pipeline_model_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return values
+    stages = [None] * size
+    dist.all_gather_object(stages, values, group=group)
+    return {k: v for stage in stages for k, v in stage.items()}
+
+
 def pretrain(args: PretrainArgs, log=print) -> list[dict]:
-    """Train for args.train_iters steps; return one record per log interval (rank 0 logs)."""
+    """Train for args.train_iters steps; return one record per log interval.
+
+    Rank 0 logs a progress line per log interval and writes the metrics JSONL: a {"run": args}
+    line, one line per step (iteration, loss, grad_norm, lr, and the spike flags raised), the
+    monitors at log intervals (update ratios, norms, gates, spike counts, tokens/s) and a
+    {"iteration", "valid_loss"} line per evaluation.
+    """
     init_distributed()
     dp_size = args.data_parallel_size(dist.get_world_size())
-    data = EmbeddedCorpus(args.seq_length, args.seed)
     initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         args.seed)
+    data = build_data(args)
     engine = build_engine(
         transformer_config_from_args(args),
         wesar_config_from_args(args),
-        data.vocab_size,
+        padded_vocab_size(data.vocab_size, args.tensor_model_parallel_size),
         args.seq_length,
         optimizer_config_from_args(args),
         LRSchedule(args.lr_warmup_iters, args.train_iters, "cosine"),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        init_seed=args.seed,
         position_embedding_type=args.position_embedding_type,
     )
+    first_step = 0
+    if args.load:
+        first_step = load_checkpoint(
+            engine, args.load, log=log,
+            missing_ok=bool(args.save) and os.path.abspath(args.load) == os.path.abspath(args.save))
+    is_logger = dist.get_rank() == 0
+    metrics = MetricsWriter(args.metrics_file if is_logger else None,
+                            args.tensorboard_dir if is_logger else None)
+    metrics.write({"run": asdict(args)})
+    spikes, monitor, gates = SpikeTracker(), UpdateRatioMonitor(engine.model), GateTrajectory(
+        engine.model)
     num_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
     dp_rank = parallel_state.get_data_parallel_rank()
+    step_shape = (num_micro, args.micro_batch_size, args.seq_length)
     records, start = [], time.perf_counter()
-    for step in range(args.train_iters):
+    for step in range(first_step, args.train_iters):
+        iteration = step + 1
+        log_now = iteration % args.log_interval == 0 or iteration == args.train_iters
         batch = data.train_batch(step, args.global_batch_size)
-        result = train_step(engine, microbatches(batch, dp_rank, dp_size, args.micro_batch_size),
-                            num_micro, args.micro_batch_size, args.seq_length)
-        if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters:
-            elapsed = time.perf_counter() - start
-            gates = [g.item() for _, g in gate_parameters(engine.module)]
-            record = {
-                "iteration": step + 1,
-                "loss": result.loss,
-                "lr": engine.scheduler.get_lr(engine.optimizer.param_groups[0]),
-                "grad_norm": result.grad_norm,
-                "tokens_per_s": args.global_batch_size * args.seq_length * (step + 1) / elapsed,
-                "gate_min": min(gates) if gates else None,
-                "gate_max": max(gates) if gates else None,
-            }
+        result = train_step(
+            engine, microbatches(batch, dp_rank, dp_size, args.micro_batch_size), *step_shape,
+            after_backward=(lambda _: monitor.snapshot()) if log_now else None,
+        )
+        record = {
+            "iteration": iteration,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "lr": engine.scheduler.get_lr(engine.optimizer.param_groups[0]),
+        }
+        flags = spikes.update(iteration, loss=result.loss, grad_norm=result.grad_norm)
+        record.update({key: flag for key, flag in flags.items() if flag})
+        if log_now:
+            monitor.measure()
+            record.update(monitor.read())
+            record.update(gather_stage_dicts(gates.record(iteration)))
+            record.update(spikes.counts())
+            record["tokens_per_s"] = (args.global_batch_size * args.seq_length
+                                      * (iteration - first_step) / (time.perf_counter() - start))
             records.append(record)
-            if dist.get_rank() == 0:
+            if is_logger:
                 log(format_progress(record, args.train_iters))
+        metrics.write(record)
+        if iteration == args.train_iters or (
+                args.eval_interval and iteration % args.eval_interval == 0):
+            valid = evaluate(
+                engine,
+                (microbatches(data.valid_batch(i, args.global_batch_size), dp_rank, dp_size,
+                              args.micro_batch_size) for i in range(args.eval_iters)),
+                *step_shape,
+            )
+            metrics.write({"iteration": iteration, "valid_loss": valid})
+            if is_logger:
+                log(f"validation at iteration {iteration:>6} | loss {valid:.4f}")
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save_checkpoint(engine, iteration, args.save, log=log)
+    if args.save and args.train_iters > first_step and (
+            not args.save_interval or args.train_iters % args.save_interval):
+        save_checkpoint(engine, args.train_iters, args.save, log=log)
+    metrics.close()
     parallel_state.destroy_model_parallel()
     return records
 
 
 def format_progress(record: dict, train_iters: int) -> str:
-    """One progress line: iteration, loss, lr, grad norm, tokens/s, gate range."""
+    """One progress line: iteration, loss, lr, grad norm, tokens/s, update-ratio spread, gates."""
+    grad_norm = record["grad_norm"]
     line = (
         f"iteration {record['iteration']:>6}/{train_iters} | loss {record['loss']:.4f} | "
-        f"lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "
+        f"lr {record['lr']:.3e} | grad norm "
+        f"{'skipped' if grad_norm is None else format(grad_norm, '.3f')} | "
         f"tokens/s {record['tokens_per_s']:.0f}"
     )
-    if record["gate_min"] is not None:
-        line += f" | gates [{record['gate_min']:.3f}, {record['gate_max']:.3f}]"
+    if "update_ratio_spread" in record:
+        line += f" | update-ratio spread {record['update_ratio_spread']:.2f}"
+    gates = [v for k, v in record.items() if k.startswith("gate/")]
+    if gates:
+        line += f" | gates [{min(gates):.3f}, {max(gates):.3f}]"
+    spikes = sum(v for k, v in record.items() if k.startswith("spike/"))
+    if spikes:
+        line += f" | SPIKE ({int(spikes)} rules)"
     return line
 
 

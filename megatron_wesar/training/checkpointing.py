@@ -1,0 +1,688 @@
+"""Checkpoints of the training driver on megatron-core's dist_checkpointing: atomic, resumable.
+
+Layout (Megatron-LM's)::
+
+    DIR/latest_checkpointed_iteration.txt   iteration of the newest complete checkpoint
+    DIR/iter_0000010/                       one checkpoint: dist_checkpointing's files
+                                            (metadata.json, common.pt, .metadata, *.distcp)
+                                            plus wesar_checkpoint.json (see below)
+
+A checkpoint holds the model's sharded state dict (every WeSaR gate included: they are
+replicated (1,)-tensors), the optimizer's (Adam moments, step; with the distributed optimizer in
+the `dp_reshardable` format), the LR scheduler's state dict, the iteration and, per rank, the RNG
+states. `wesar_checkpoint.json` records the model shape, the WeSaR settings, the parallel layout
+and the size of every file of the checkpoint; `load_checkpoint` checks it before megatron reads
+anything, so a checkpoint of another model or a damaged one fails with a message that says which
+shapes differ or which file is missing or truncated.
+
+Atomicity: every rank writes into a fresh sibling `iter_0000010.tmp-<nonce>`; after a barrier,
+rank 0 fsyncs it, renames it into place (an existing checkpoint of the same iteration is first
+renamed aside to `iter_0000010.old-<nonce>`, and used by `load_checkpoint` should the crash fall
+between the two renames), and only then replaces the tracker file (temporary file, fsync,
+os.replace). Killed at any moment, a save leaves the tracker pointing at the previous complete
+checkpoint. Leftover `*.tmp-*` / `*.old-*` directories are ignored and removed by the next
+successful save.
+
+Resharding: model weights load into any TP/PP/DP layout (megatron reshards the sharded tensors).
+The optimizer state follows the model across layouts with the plain (non-distributed) optimizer,
+whose state is one sharded tensor per parameter; the distributed optimizer's `dp_reshardable`
+state loads into the same TP x PP layout with any DP size. Across any other change (TP or PP
+with the distributed optimizer, distributed optimizer on or off, fp32 <-> bf16) the weights,
+scheduler and iteration are loaded, the Adam moments start afresh, and a log line says so.
+RNG states are restored when the layout is identical.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from dataclasses import asdict
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "TRACKER_FILENAME",
+    "METADATA_FILENAME",
+    "checkpoint_path",
+    "read_tracker",
+    "save_checkpoint",
+    "load_checkpoint",
+]
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+METADATA_FILENAME = "wesar_checkpoint.json"
+FORMAT_NAME = "megatron_wesar.checkpoint"
+FORMAT_VERSION = 1
+DISTRIB_OPTIM_SHARDING = "dp_reshardable"
+
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_STALE_DIR = re.compile(r"^iter_\d{7,}\.(tmp|old)-[0-9a-f]+$")
+
+Log = Optional[Callable[[str], None]]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, has no tracker, or is incomplete or unreadable."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written for a model of another shape."""
+
+
+# --------------------------------------------------------------------------------------------
+# paths and the tracker
+
+
+def checkpoint_path(directory: str, iteration: int) -> str:
+    """`directory/iter_0000010`: where the checkpoint of `iteration` lives."""
+    return os.path.join(directory, f"iter_{iteration:07d}")
+
+
+def read_tracker(directory: str) -> int | None:
+    """The iteration named by `directory`'s tracker file; None when there is no tracker.
+
+    Raises CheckpointError when the tracker exists but does not hold an iteration number.
+    """
+    path = os.path.join(directory, TRACKER_FILENAME)
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise CheckpointError(f"checkpoint tracker {path} does not hold an iteration: {text!r}")
+    if iteration < 0:
+        raise CheckpointError(f"checkpoint tracker {path} holds a negative iteration {iteration}")
+    return iteration
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_tracker(directory: str, iteration: int) -> None:
+    """Point the tracker at `iteration` atomically (temporary file, fsync, os.replace)."""
+    path = os.path.join(directory, TRACKER_FILENAME)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(directory)
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Rename the complete checkpoint `tmp` to `final` (an existing `final` is moved aside first,
+    because a directory cannot replace a non-empty one)."""
+    aside = None
+    if os.path.lexists(final):
+        aside = f"{final}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    _fsync_path(os.path.dirname(final))
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_stale(directory: str) -> None:
+    """Remove the `iter_*.tmp-*` / `iter_*.old-*` leftovers of interrupted saves."""
+    for name in os.listdir(directory):
+        if _STALE_DIR.match(name):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        elif name.startswith(TRACKER_FILENAME + ".tmp-"):
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:
+                pass
+
+
+def _resolve(directory: str, iteration: int) -> str:
+    """The directory of checkpoint `iteration`, or the copy a crash between the two renames of
+    a re-save left aside."""
+    final = checkpoint_path(directory, iteration)
+    if os.path.isdir(final):
+        return final
+    base = os.path.basename(final)
+    aside = sorted(n for n in os.listdir(directory) if n.startswith(base + ".old-"))
+    for name in aside:
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(os.path.join(candidate, METADATA_FILENAME)):
+            return candidate
+    raise CheckpointError(
+        f"the tracker {os.path.join(directory, TRACKER_FILENAME)} names iteration {iteration}, "
+        f"but the checkpoint {final} does not exist"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# what a checkpoint describes
+
+
+def _optimizer_config(optimizer):
+    chained = getattr(optimizer, "chained_optimizers", None)
+    return (chained[0] if chained else optimizer).config
+
+
+def model_description(engine) -> dict:
+    """Shape-determining settings of `engine`'s model (equal on every rank)."""
+    config, module = engine.config, engine.module
+    wesar = module.wesar
+    return {
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "ffn_hidden_size": config.ffn_hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_query_groups": config.num_query_groups or config.num_attention_heads,
+        "kv_channels": config.kv_channels,
+        "gated_linear_unit": bool(config.gated_linear_unit),
+        "normalization": config.normalization,
+        "add_bias_linear": bool(config.add_bias_linear),
+        "vocab_size": module.vocab_size,
+        "max_sequence_length": module.max_sequence_length,
+        "position_embedding_type": module.position_embedding_type,
+        "share_embeddings_and_output_weights": bool(module.share_embeddings_and_output_weights),
+        "wesar": bool(wesar.enabled),
+        "wesar_gate_embedding": bool(wesar.enabled and wesar.gate_embedding),
+        "wesar_gate_output_layer": bool(wesar.enabled and wesar.gate_output_layer),
+    }
+
+
+def layout_description(engine) -> dict:
+    """This run's parallel layout and precision (what decides whether optimizer state and RNG
+    states can be loaded as they are)."""
+    optimizer_config = _optimizer_config(engine.optimizer)
+    distributed = bool(optimizer_config.use_distributed_optimizer)
+    return {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "world_size": dist.get_world_size(),
+        "sequence_parallel": bool(engine.config.sequence_parallel),
+        "params_dtype": str(engine.config.params_dtype).replace("torch.", ""),
+        "use_distributed_optimizer": distributed,
+        "distrib_optim_sharding_type": DISTRIB_OPTIM_SHARDING if distributed else None,
+    }
+
+
+def _sharding_metadata(engine) -> dict:
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if _optimizer_config(engine.optimizer).use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = DISTRIB_OPTIM_SHARDING
+    return metadata
+
+
+def _model_keys(engine) -> list[str]:
+    return ["model"] if len(engine.model) == 1 else [f"model{i}" for i in range(len(engine.model))]
+
+
+def _model_sharded_state_dict(engine, metadata: dict) -> dict:
+    return {
+        key: chunk.module.sharded_state_dict(metadata=dict(metadata))
+        for key, chunk in zip(_model_keys(engine), engine.model)
+    }
+
+
+def _rng_state() -> dict:
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": {k: v.clone() for k, v in tracker.get_states().items()},
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(data) -> ShardedObject:
+    """This rank's RNG states, one shard per (pp, tp, dp) rank."""
+    shape = (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+    offset = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", data, shape, offset, replica_id=0)
+
+
+# --------------------------------------------------------------------------------------------
+# collective helpers
+
+
+def _on_rank0(fn: Callable):
+    """Run `fn` on rank 0; every rank returns its result, or raises the error it raised."""
+    payload = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = (True, fn())
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            payload[0] = (False, err)
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    ok, value = payload[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _agree(error: BaseException | None) -> None:
+    """Raise on every rank when some rank failed (so that no rank waits in a collective that
+    the failed ones never reach): each rank raises its own error, or the first rank's."""
+    errors = [error]
+    if dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    if error is not None:
+        raise error
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+
+
+def _say(log: Log, message: str) -> None:
+    if log is not None and dist.get_rank() == 0:
+        log(message)
+
+
+# --------------------------------------------------------------------------------------------
+# save
+
+
+def save_checkpoint(engine, iteration: int, directory: str, log: Log = print) -> str:
+    """Save `engine` (model, optimizer, scheduler, RNG) at `iteration` to `directory`.
+
+    Collective: every rank calls it. Writes `directory/iter_<iteration:07d>/` atomically, then
+    points `directory/latest_checkpointed_iteration.txt` at it; returns the checkpoint path.
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    directory = os.path.abspath(directory)
+    final = checkpoint_path(directory, iteration)
+
+    def make_tmp():
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+        os.mkdir(tmp)
+        return tmp
+
+    tmp = _on_rank0(make_tmp)
+
+    metadata = _sharding_metadata(engine)
+    state = _model_sharded_state_dict(engine, metadata)
+    state["optimizer"] = engine.optimizer.sharded_state_dict(state, metadata=metadata)
+    state["opt_param_scheduler"] = engine.scheduler.state_dict()
+    state["iteration"] = iteration
+    state["checkpoint_format"] = FORMAT_VERSION
+    state["rng_state"] = _rng_sharded_object(_rng_state())
+    dist_checkpointing.save(state, tmp, content_metadata={"format": FORMAT_NAME})
+    # dist_checkpointing.save returns after a barrier: every rank's files are written.
+
+    description = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "iteration": iteration,
+        "model": model_description(engine),
+        "layout": layout_description(engine),
+        "wesar_config": asdict(engine.module.wesar),
+    }
+
+    def finish():
+        files = {}
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                path = os.path.join(root, name)
+                files[os.path.relpath(path, tmp)] = os.path.getsize(path)
+                _fsync_path(path)
+        description["files"] = dict(sorted(files.items()))
+        meta_path = os.path.join(tmp, METADATA_FILENAME)
+        with open(meta_path, "w") as f:
+            json.dump(description, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(tmp)
+        _publish(tmp, final)
+        _write_tracker(directory, iteration)
+        _remove_stale(directory)
+
+    _on_rank0(finish)
+    _say(log, f"saved checkpoint at iteration {iteration} to {final}")
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# load
+
+
+def _read_description(path: str) -> dict:
+    """Read and check `path`'s wesar_checkpoint.json and the files it lists (rank 0)."""
+    meta_path = os.path.join(path, METADATA_FILENAME)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or not a megatron_wesar checkpoint: "
+            f"{meta_path} is missing"
+        )
+    try:
+        with open(meta_path) as f:
+            description = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint metadata {meta_path} is unreadable: {err}") from err
+    if not isinstance(description, dict) or description.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{meta_path} is not a megatron_wesar checkpoint description")
+    if description.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {description.get('version')}; this "
+            f"megatron_wesar reads versions up to {FORMAT_VERSION}"
+        )
+    problems = []
+    for name, size in description.get("files", {}).items():
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path):
+            problems.append(f"{file_path} is missing")
+        elif os.path.getsize(file_path) != size:
+            problems.append(
+                f"{file_path} has {os.path.getsize(file_path)} bytes, {size} were written"
+            )
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupt: " + "; ".join(problems))
+    return description
+
+
+def _locate(directory: str, iteration: int | None, missing_ok: bool):
+    """(checkpoint path, description) to load, or None when `missing_ok` and nothing is saved.
+
+    `directory` is a checkpoint directory with a tracker, or one checkpoint (iter_*/) itself.
+    """
+    if not os.path.isdir(directory):
+        if missing_ok:
+            return None
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if iteration is None and os.path.isfile(os.path.join(directory, METADATA_FILENAME)):
+        return directory, _read_description(directory)
+    if iteration is None:
+        iteration = read_tracker(directory)
+        if iteration is None:
+            if missing_ok:
+                return None
+            raise CheckpointError(
+                f"no checkpoint to load in {directory}: it has no {TRACKER_FILENAME} "
+                "(nothing was saved there, or the first save did not complete)"
+            )
+    path = _resolve(directory, iteration)
+    description = _read_description(path)
+    if description.get("iteration") != iteration:
+        raise CheckpointError(
+            f"checkpoint {path} holds iteration {description.get('iteration')}, expected "
+            f"{iteration}"
+        )
+    return path, description
+
+
+def _check_model(path: str, description: dict, engine) -> None:
+    """Raise CheckpointMismatchError naming every shape setting that differs."""
+    saved, mine = description.get("model", {}), model_description(engine)
+    diffs = [
+        f"{key}: checkpoint {saved.get(key)!r}, this model {value!r}"
+        for key, value in mine.items()
+        if saved.get(key) != value
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written for a model of another shape: " + "; ".join(diffs)
+        )
+
+
+def _check_tensor_shapes(path: str, model_state: dict) -> None:
+    """Compare the global shapes of the model's sharded tensors with the checkpoint's
+    (catches shape differences the description does not name)."""
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    problems = []
+    stack = [model_state]
+    while stack:
+        node = stack.pop()
+        values = node.values() if isinstance(node, dict) else node
+        for value in values:
+            if isinstance(value, (dict, list, tuple)):
+                stack.append(value)
+            elif isinstance(value, ShardedTensor):
+                if value.key not in saved:
+                    problems.append(f"{value.key}: missing from the checkpoint")
+                elif tuple(saved[value.key].global_shape) != tuple(value.global_shape):
+                    problems.append(
+                        f"{value.key}: checkpoint {tuple(saved[value.key].global_shape)}, "
+                        f"this model {tuple(value.global_shape)}"
+                    )
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not fit this model: " + "; ".join(sorted(problems)[:10])
+            + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
+        )
+
+
+def _optimizer_loadable(saved: dict, mine: dict) -> tuple[bool, str]:
+    """Whether the checkpoint's optimizer state can be loaded into this layout, and why not."""
+    if saved.get("params_dtype") != mine["params_dtype"]:
+        return False, f"params dtype {saved.get('params_dtype')} -> {mine['params_dtype']}"
+    if bool(saved.get("use_distributed_optimizer")) != mine["use_distributed_optimizer"]:
+        return False, (
+            "distributed optimizer "
+            f"{'on' if saved.get('use_distributed_optimizer') else 'off'} -> "
+            f"{'on' if mine['use_distributed_optimizer'] else 'off'}"
+        )
+    if mine["use_distributed_optimizer"]:
+        if saved.get("distrib_optim_sharding_type") != mine["distrib_optim_sharding_type"]:
+            return False, f"distributed-optimizer format {saved.get('distrib_optim_sharding_type')}"
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if saved.get(key) != mine[key]:
+                return False, (
+                    f"{key} {saved.get(key)} -> {mine[key]} (the distributed optimizer's "
+                    f"{DISTRIB_OPTIM_SHARDING} state reshards over data-parallel ranks only)"
+                )
+    return True, ""
+
+
+def _prime_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh torch.optim.Adam inside megatron's DistributedOptimizer its state (zero
+    moments, step 0) before its sharded_state_dict(is_loading=True).
+
+    megatron-core 0.16.1 without Apex / Transformer Engine reads `state["step"]` of every
+    parameter there (DistributedOptimizer.state_dict: `assert len(steps) == 1`), which a fresh
+    torch Adam does not have yet; with Apex or TE FusedAdam nothing is needed.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = opt.optimizer
+        if not isinstance(inner, torch.optim.Optimizer):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" not in state:
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+                    state["step"] = torch.tensor(0.0)
+
+
+def _torch_adam_distributed_optimizers(optimizer) -> list:
+    """The DistributedOptimizers in `optimizer` that wrap a torch optimizer (no Apex / TE)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [
+        opt if isinstance(opt, distrib_optimizer.DistributedOptimizer) else None
+        for opt in chained
+    ]
+
+
+def _distributed_optimizer_steps(optimizer, state_dict) -> list:
+    """The Adam step count saved for each DistributedOptimizer (None for other optimizers)."""
+    optimizers = _torch_adam_distributed_optimizers(optimizer)
+    if not any(optimizers):
+        return []
+    states = [state_dict] if len(optimizers) == 1 else [state_dict[k] for k in sorted(state_dict)]
+    steps = []
+    for opt, state in zip(optimizers, states):
+        found = {g["step"] for g in state["optimizer"]["param_groups"] if "step" in g}
+        steps.append(float(found.pop()) if opt is not None and len(found) == 1 else None)
+    return steps
+
+
+def _restore_distributed_optimizer_steps(optimizer, steps: list) -> None:
+    """Set the torch Adam step of every parameter of each DistributedOptimizer to its saved
+    value, one tensor per parameter.
+
+    megatron-core 0.16.1 with torch Adam (no Apex / TE): DistributedOptimizer.load_state_dict
+    sets the loaded step, but its dp_reshardable parameter-state load then copies the local
+    (pre-load) step back over it, and leaves one step tensor shared by all parameters.
+    """
+    for opt, step in zip(_torch_adam_distributed_optimizers(optimizer), steps):
+        if opt is None or step is None:
+            continue
+        for state in opt.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(step, dtype=state["step"].dtype)
+
+
+_SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
+                  "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
+
+
+def _schedule_differences(scheduler, saved: dict) -> list[str]:
+    """'name checkpoint X, this run Y' for each LR / weight-decay schedule setting that differs."""
+    return [
+        f"{key}: checkpoint {saved[key]!r}, this run {getattr(scheduler, key)!r}"
+        for key in _SCHEDULE_KEYS
+        if key in saved and hasattr(scheduler, key) and getattr(scheduler, key) != saved[key]
+    ]
+
+
+def _same_ranks(saved: dict, mine: dict) -> bool:
+    keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size")
+    return all(saved.get(k) == mine[k] for k in keys)
+
+
+def load_checkpoint(engine, directory: str, iteration: int | None = None, *,
+                    missing_ok: bool = False, log: Log = print) -> int:
+    """Load a checkpoint into `engine`; return its iteration (0 when nothing was loaded).
+
+    Collective: every rank calls it. `directory` is a save directory (the tracker's iteration,
+    or `iteration`, is loaded) or one checkpoint `iter_*/` itself. Loads the model always (any
+    TP/PP layout), the optimizer state where the layout allows it (see the module docstring;
+    otherwise a log line says that the Adam moments start afresh), the scheduler and, with an
+    identical layout, the RNG states.
+
+    Raises CheckpointError for a missing directory, no tracker (unless `missing_ok`, which
+    returns 0) or a missing, truncated or unreadable checkpoint (naming the path);
+    CheckpointMismatchError (a ValueError) for a checkpoint of a model of another shape.
+    """
+    directory = os.path.abspath(directory)
+    found = _on_rank0(lambda: _locate(directory, iteration, missing_ok))
+    if found is None:
+        _say(log, f"no checkpoint in {directory} yet: starting from iteration 0")
+        return 0
+    path, description = found
+    _check_model(path, description, engine)
+
+    metadata = _sharding_metadata(engine)
+    model_state = _model_sharded_state_dict(engine, metadata)
+    error = None
+    try:
+        _check_tensor_shapes(path, model_state)
+    except CheckpointMismatchError as err:
+        error = err
+    except Exception as err:  # noqa: BLE001 - every rank raises below
+        error = CheckpointError(f"failed to read checkpoint {path}: {type(err).__name__}: {err}")
+    _agree(error)
+
+    saved_layout, my_layout = description.get("layout", {}), layout_description(engine)
+    load_optimizer, why_not = _optimizer_loadable(saved_layout, my_layout)
+    load_rng = _same_ranks(saved_layout, my_layout)
+
+    state = dict(model_state)
+    if load_optimizer:
+        _prime_distributed_optimizer_state(engine.optimizer)
+        with torch.no_grad():  # the optimizer initialises its state in place
+            state["optimizer"] = engine.optimizer.sharded_state_dict(
+                model_state, is_loading=True, metadata=metadata
+            )
+    if load_rng:
+        state["rng_state"] = _rng_sharded_object(None)
+
+    error, loaded = None, None
+    try:
+        with torch.no_grad():
+            loaded = dist_checkpointing.load(state, path)
+    except Exception as err:  # noqa: BLE001 - re-raised with the path
+        error = CheckpointError(f"failed to read checkpoint {path}: {type(err).__name__}: {err}")
+        error.__cause__ = err
+    _agree(error)
+
+    for key, chunk in zip(_model_keys(engine), engine.model):
+        chunk.module.load_state_dict(loaded[key], strict=True)
+    if load_optimizer:
+        steps = _distributed_optimizer_steps(engine.optimizer, loaded["optimizer"])
+        with torch.no_grad():
+            engine.optimizer.load_state_dict(loaded["optimizer"])
+        _restore_distributed_optimizer_steps(engine.optimizer, steps)
+    else:
+        engine.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
+    schedule_diffs = _schedule_differences(engine.scheduler, loaded["opt_param_scheduler"])
+    engine.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    loaded_iteration = int(loaded["iteration"])
+
+    layout = (f"TP{saved_layout.get('tensor_model_parallel_size')} "
+              f"PP{saved_layout.get('pipeline_model_parallel_size')} "
+              f"DP{saved_layout.get('data_parallel_size')}")
+    _say(log, f"loaded checkpoint {path} (iteration {loaded_iteration}, written with {layout})")
+    if schedule_diffs:
+        whose = ("this run's values override the checkpoint's"
+                 if engine.scheduler.override_opt_param_scheduler
+                 else "the checkpoint's values are used")
+        _say(log, f"LR schedule differs from the checkpoint's ({'; '.join(schedule_diffs)}): "
+                  f"{whose}")
+    if not load_optimizer:
+        _say(log, f"WARNING: optimizer state of {path} NOT loaded ({why_not}): model weights, LR "
+                  "schedule and iteration resumed; Adam moments start from zero")
+    elif not load_rng:
+        _say(log, f"optimizer state resharded from {layout}; RNG states not restored (the "
+                  "layout differs)")
+    return loaded_iteration
