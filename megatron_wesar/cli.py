@@ -1,28 +1,34 @@
-"""The `megatron-wesar` command: `pretrain` (the driver), `preprocess` (indexed datasets) and
-`demo` (README's main job)."""
+"""The `megatron-wesar` command: `pretrain` (the driver), `preprocess` (indexed datasets),
+`study` (methods x learning rates x seeds, then a report), `report` (re-render a study's report)
+and `demo` (README's main job: the study's tiny preset)."""
 from __future__ import annotations
 
 import sys
 
-DEMO_ARGS = [
-    "--preset", "tiny", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-    "--train-iters", "60", "--log-interval", "10", "--lr", "1e-3",
-]
+DEMO_ARGS = ["--preset", "tiny", "--dir", "out/demo", "--rerun"]
 
 
 def run_demo() -> int:
-    """A short TP=2 (sequence-parallel) training of the tiny preset on CPU, two local ranks."""
-    from torch.distributed.run import main as torchrun
+    """The study's tiny preset: 4 methods x 5 peak LRs, TP=2 (sequence parallel) on two local
+    CPU ranks, then the report (out/demo/report.md)."""
+    import os
+    import time
 
-    torchrun(["--standalone", "--nproc-per-node", "2", "-m", "megatron_wesar", "pretrain",
-              *DEMO_ARGS])
-    return 0
+    from .study.runner import main as study_main
+
+    start = time.perf_counter()
+    code = study_main(DEMO_ARGS)
+    report = os.path.abspath(os.path.join("out", "demo", "report.md"))
+    if os.path.isfile(report):
+        print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {report}")
+    return code
 
 
 def main(argv=None) -> int:
     """Dispatch `megatron-wesar <command> [args]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"pretrain": _pretrain, "preprocess": _preprocess, "demo": lambda rest: run_demo()}
+    commands = {"pretrain": _pretrain, "preprocess": _preprocess, "study": _study,
+                "report": _report, "demo": lambda rest: run_demo()}
     if not argv or argv[0] not in commands:
         print(f"usage: megatron-wesar {{{','.join(commands)}}} [args]", file=sys.stderr)
         return 2
@@ -39,3 +45,15 @@ def _preprocess(rest) -> int:
     from .data.preprocess import main as preprocess_main
 
     return preprocess_main(rest)
+
+
+def _study(rest) -> int:
+    from .study.runner import main as study_main
+
+    return study_main(rest)
+
+
+def _report(rest) -> int:
+    from .study.report import main as report_main
+
+    return report_main(rest)

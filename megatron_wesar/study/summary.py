@@ -1,0 +1,483 @@
+"""Read a study folder's per-run metrics (JSONL written by the driver's --metrics-file) and
+reduce each run, and the study, to the numbers the report shows (summary.json).
+
+A study folder holds `runs/<method>_lr<lr>_s<seed>/metrics.jsonl` (see runner.run_name) and,
+once summarised, `summary.json`. Every optional metric (gates in a baseline, update ratios of a
+role that is absent, eval lines) may be missing: the summary then holds null (None) for it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+ROLES = ("qkv", "attn_proj", "fc1", "fc2", "embedding", "output")
+SPIKE_SERIES = ("loss", "grad_norm")
+SPIKE_RULES = ("megatron", "zscore", "relmin")
+# the role every relative update ratio is taken against (FFN-up), and the roles shown against it
+REFERENCE_ROLE = "fc1"
+RELATIVE_ROLES = ("attn_proj", "fc2")
+FINAL_FRACTION = 0.1  # final train loss: mean over the last 10% of the optimizer steps
+
+_RUN_DIR = re.compile(r"^(?P<method>.+)_lr(?P<lr>[0-9.eE+-]+)_s(?P<seed>-?\d+)$")
+
+
+def format_lr(lr: float) -> str:
+    """A learning rate in short scientific notation: 3e-4, 1e-2, 2.5e-4."""
+    mantissa, exponent = f"{float(lr):.6e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def run_name(method: str, lr: float, seed: int) -> str:
+    """The folder name of one run: <method>_lr<lr>_s<seed>."""
+    return f"{method}_lr{format_lr(lr)}_s{seed}"
+
+
+def parse_run_name(name: str):
+    """(method, lr, seed) of a run folder name, or None when it is not one."""
+    match = _RUN_DIR.match(name)
+    if not match:
+        return None
+    try:
+        return match["method"], float(match["lr"]), int(match["seed"])
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class RunMetrics:
+    """The parsed metrics file of one run."""
+
+    header: dict = field(default_factory=dict)       # the {"run": {...}} line's dict
+    steps: list = field(default_factory=list)        # one record per optimizer step (has "loss")
+    evals: list = field(default_factory=list)        # (iteration, valid_loss), by iteration
+    torn_lines: int = 0                              # lines that were not complete JSON
+
+    @property
+    def logged(self) -> list:
+        """The step records written at log intervals (those carrying monitor keys)."""
+        return [r for r in self.steps
+                if "update_ratio_spread" in r or "tokens_per_s" in r
+                or any(k.startswith("spikes/") for k in r)]
+
+
+def _number(value):
+    """A JSON value as a float (None, strings 'nan'/'inf' and the like handled), or None."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def load_metrics(path: str) -> RunMetrics:
+    """Parse one metrics.jsonl. Torn lines (a run still writing, or killed mid-line and resumed)
+    are skipped and counted; a record of an iteration seen before replaces the earlier one (a
+    resumed run repeats iterations)."""
+    metrics = RunMetrics()
+    steps, evals = {}, {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            metrics.torn_lines += 1
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if "run" in obj and isinstance(obj["run"], dict):
+            metrics.header = obj["run"]
+            continue
+        iteration = obj.get("iteration")
+        if iteration is None:
+            continue
+        iteration = int(iteration)
+        if "valid_loss" in obj:
+            evals[iteration] = _number(obj["valid_loss"])
+        if "loss" in obj:
+            record = dict(steps.get(iteration, {}))
+            record.update({k: v for k, v in obj.items() if k != "valid_loss"})
+            steps[iteration] = record
+    metrics.steps = [steps[i] for i in sorted(steps)]
+    metrics.evals = [(i, evals[i]) for i in sorted(evals)]
+    return metrics
+
+
+def _finite(values):
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean(values):
+    values = _finite(values)
+    return math.fsum(values) / len(values) if values else None
+
+
+def final_train_loss(steps: list, fraction: float = FINAL_FRACTION):
+    """Mean training loss over the last `fraction` of the steps (at least one step); None when
+    there are no steps, inf/nan when a step in that window is not finite."""
+    if not steps:
+        return None
+    count = max(1, math.ceil(fraction * len(steps)))
+    values = [_number(r.get("loss")) for r in steps[-count:]]
+    if any(v is None for v in values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+    return math.fsum(values) / len(values)
+
+
+def final_valid_loss(evals: list):
+    """The validation loss of the last evaluation, or None without one."""
+    return evals[-1][1] if evals else None
+
+
+def spike_counts(metrics: RunMetrics) -> dict:
+    """{series: {rule: n}} from the driver's running counts (the last logged record that has
+    them). Without any count in the file, the rules of megatron_wesar.monitor are run here on
+    the per-step loss and grad-norm series instead (the same rules, the same parameters)."""
+    counts = {s: {} for s in SPIKE_SERIES}
+    last = None
+    for record in metrics.steps:
+        if any(k.startswith("spikes/") for k in record):
+            last = record
+    if last is not None:
+        for key, value in last.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "spikes" and parts[1] in counts:
+                counts[parts[1]][parts[2]] = int(round(_number(value) or 0))
+        # a spike flagged on a step after the last count (steps between log intervals)
+        for record in metrics.steps:
+            if record["iteration"] <= last["iteration"]:
+                continue
+            for key, value in record.items():
+                parts = key.split("/")
+                if (len(parts) == 3 and parts[0] == "spike" and parts[1] in counts
+                        and (_number(value) or 0) > 0):
+                    counts[parts[1]][parts[2]] = counts[parts[1]].get(parts[2], 0) + 1
+        return counts
+    from ..monitor import SpikeTracker
+
+    tracker = SpikeTracker(series=SPIKE_SERIES)
+    for record in metrics.steps:
+        values = {}
+        for series in SPIKE_SERIES:
+            value = _number(record.get(series))
+            values[series] = value if value is not None else (None if series not in record
+                                                                else float("nan"))
+        tracker.update(record["iteration"], **values)
+    for key, value in tracker.counts().items():
+        _, series, rule = key.split("/")
+        counts[series][rule] = int(value)
+    return counts
+
+
+def spike_steps(metrics: RunMetrics) -> dict:
+    """{series: {rule: [iterations flagged]}} from the per-step spike/<series>/<rule> flags."""
+    out = {}
+    for record in metrics.steps:
+        for key, value in record.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "spike" and (_number(value) or 0) > 0:
+                out.setdefault(parts[1], {}).setdefault(parts[2], []).append(record["iteration"])
+    return out
+
+
+def max_loss_rise(steps: list):
+    """(largest loss_t / min(loss_1..loss_{t-1}), its iteration) over the finite losses: the
+    largest rise of the training loss above its running minimum, at any step (no window); None
+    with fewer than two finite losses."""
+    best, where, running = None, None, None
+    for record in steps:
+        loss = _number(record.get("loss"))
+        if loss is None or not math.isfinite(loss):
+            continue
+        if running is not None and running > 0:
+            rise = loss / running
+            if best is None or rise > best:
+                best, where = rise, record["iteration"]
+        running = loss if running is None else min(running, loss)
+    return (best, where) if best is not None else (None, None)
+
+
+def steps_to_target(evals: list, target):
+    """The first eval iteration whose validation loss is <= target, or None."""
+    if target is None:
+        return None
+    for iteration, value in evals:
+        if value is not None and value <= target:
+            return iteration
+    return None
+
+
+def _role_means(logged: list, prefix: str) -> dict:
+    out = {}
+    for role in ROLES:
+        value = _mean([_number(r.get(f"{prefix}/{role}")) for r in logged])
+        if value is not None:
+            out[role] = value
+    return out
+
+
+def _relative_update_ratios(logged: list) -> dict:
+    """{role: mean over logged steps of update_ratio_mean/<role> / update_ratio_mean/fc1}."""
+    out = {}
+    for role in RELATIVE_ROLES:
+        ratios = []
+        for r in logged:
+            num = _number(r.get(f"update_ratio_mean/{role}"))
+            den = _number(r.get(f"update_ratio_mean/{REFERENCE_ROLE}"))
+            if num is not None and den:
+                ratios.append(num / den)
+        value = _mean(ratios)
+        if value is not None:
+            out[role] = value
+    return out
+
+
+def gate_trajectories(metrics: RunMetrics) -> dict:
+    """{matrix: [(iteration, gate value), ...]} of the logged gate values (empty: no gates)."""
+    out = {}
+    for record in metrics.steps:
+        for key, value in record.items():
+            if key.startswith("gate/"):
+                value = _number(value)
+                if value is not None:
+                    out.setdefault(key[len("gate/"):], []).append((record["iteration"], value))
+    return out
+
+
+def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> dict:
+    """The per-run entry of summary.json (steps_to_best_baseline is filled by summarize)."""
+    steps, logged = metrics.steps, metrics.logged
+    losses = [_number(r.get("loss")) for r in steps]
+    grad_norms = [_number(r.get("grad_norm")) for r in steps]
+    finite_grad = _finite(grad_norms)
+    gates = gate_trajectories(metrics)
+    gate_change = None
+    if gates:
+        changes = [abs(values[-1][1] / values[0][1] - 1.0)
+                   for values in gates.values() if values[0][1]]
+        gate_change = max(changes) if changes else None
+    header = metrics.header
+    rise, rise_step = max_loss_rise(steps)
+    return {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "wesar": header.get("wesar", method == "wesar") if header else method == "wesar",
+        "steps": len(steps),
+        "train_iters": header.get("train_iters") if header else None,
+        "final_train_loss": final_train_loss(steps),
+        "final_valid_loss": final_valid_loss(metrics.evals),
+        "valid_curve": [[i, v] for i, v in metrics.evals],
+        "nonfinite_steps": sum(1 for v in losses if v is None or not math.isfinite(v))
+        + sum(1 for v in grad_norms if v is not None and not math.isfinite(v)),
+        "spikes": spike_counts(metrics),
+        "spike_steps": spike_steps(metrics),
+        "max_grad_norm": max(finite_grad) if finite_grad else None,
+        "max_loss_rise": rise,
+        "max_loss_rise_step": rise_step,
+        "mean_grad_norm": _mean(grad_norms),
+        "steps_to_best_baseline": None,
+        "update_ratio_spread": _mean([_number(r.get("update_ratio_spread")) for r in logged]),
+        "update_ratio_mean": _role_means(logged, "update_ratio_mean"),
+        "update_ratio_rel_fc1": _relative_update_ratios(logged),
+        "weight_norm_spread_final": next((_number(r["weight_norm_spread"]) for r in logged[::-1]
+                                          if "weight_norm_spread" in r), None),
+        "weight_rms_spread_final": next((_number(r["weight_rms_spread"]) for r in logged[::-1]
+                                         if "weight_rms_spread" in r), None),
+        "gate_count": len(gates),
+        "gate_max_rel_change": gate_change,
+        "tokens_per_s": _mean([_number(r.get("tokens_per_s")) for r in logged]),
+    }
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def _sort_key(run: dict, order: list):
+    method = run["method"]
+    return (order.index(method) if method in order else len(order), method, run["lr"],
+            run["seed"])
+
+
+def _loss_key(entry: dict):
+    """Ranking key of a run or (method, lr) cell: the final validation loss, the final train
+    loss where no evaluation exists; non-finite and missing values rank last."""
+    for name in ("final_valid_loss", "final_train_loss"):
+        value = entry.get(name)
+        if value is not None:
+            return value if math.isfinite(value) else math.inf
+    return math.inf
+
+
+def grid(runs: list) -> dict:
+    """{method: {lr: cell}}: per (method, lr) the seed means of the final losses."""
+    cells = {}
+    for run in runs:
+        cells.setdefault(run["method"], {}).setdefault(run["lr"], []).append(run)
+    out = {}
+    for method, by_lr in cells.items():
+        out[method] = {}
+        for lr, group in sorted(by_lr.items()):
+            valid = [r["final_valid_loss"] for r in group]
+            train = [r["final_train_loss"] for r in group]
+            out[method][lr] = {
+                "final_valid_loss": _seed_mean(valid),
+                "final_train_loss": _seed_mean(train),
+                "seeds": [r["seed"] for r in group],
+                "valid_by_seed": valid,
+            }
+    return out
+
+
+def _seed_mean(values):
+    """Mean over seeds; inf when any seed diverged (non-finite), None when none has a value."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if any(not math.isfinite(v) for v in present):
+        return math.inf
+    return math.fsum(present) / len(present)
+
+
+def best_lrs(cells: dict) -> dict:
+    """{method: {lr, final_valid_loss, final_train_loss, at_grid_edge, ...}} at the LR with the
+    lowest seed-mean final validation loss (train loss when a method has no evaluation)."""
+    out = {}
+    for method, by_lr in cells.items():
+        lrs = sorted(by_lr)
+        if not lrs:
+            continue
+        best = min(lrs, key=lambda lr: _loss_key(by_lr[lr]))
+        out[method] = {
+            "lr": best,
+            "final_valid_loss": by_lr[best]["final_valid_loss"],
+            "final_train_loss": by_lr[best]["final_train_loss"],
+            "at_grid_edge": len(lrs) > 1 and best in (lrs[0], lrs[-1]),
+            "edge": ("low" if best == lrs[0] else "high") if len(lrs) > 1 and best in (
+                lrs[0], lrs[-1]) else None,
+            "lrs": lrs,
+        }
+    return out
+
+
+def discover_runs(study_dir: str) -> list:
+    """[(method, lr, seed, metrics path)] of every run folder with a metrics file."""
+    runs_dir = os.path.join(study_dir, "runs")
+    out = []
+    if not os.path.isdir(runs_dir):
+        return out
+    for name in sorted(os.listdir(runs_dir)):
+        parsed = parse_run_name(name)
+        path = os.path.join(runs_dir, name, "metrics.jsonl")
+        if parsed and os.path.isfile(path):
+            out.append((*parsed, path))
+    return out
+
+
+def summarize(study_dir: str, config: dict | None = None) -> dict:
+    """The summary of a study folder: {"runs": [...], "config": {...}, "methods": {...},
+    "grid": {...}, "best_baseline": {...} | None}.
+
+    `config` defaults to the folder's study.json (written by the runner), else {}. Baselines are
+    the runs whose header says `wesar: false`. steps_to_best_baseline is measured against the
+    final validation loss of the best baseline cell (the (method, lr) with the lowest seed-mean
+    final validation loss over every baseline method and LR).
+    """
+    if config is None:
+        config = read_json(os.path.join(study_dir, "study.json")) or {}
+    order = list(config.get("methods", []))
+    runs = []
+    for method, lr, seed, path in discover_runs(study_dir):
+        entry = summarize_run(method, lr, seed, load_metrics(path))
+        entry["metrics_file"] = os.path.relpath(path, study_dir)
+        runs.append(entry)
+    runs.sort(key=lambda r: _sort_key(r, order))
+    cells = grid(runs)
+    methods = best_lrs(cells)
+    baseline_methods = sorted({r["method"] for r in runs if not r["wesar"]},
+                              key=lambda m: (order.index(m) if m in order else len(order), m))
+    best_baseline = None
+    candidates = [(m, lr, cell) for m in baseline_methods for lr, cell in cells[m].items()
+                  if cell["final_valid_loss"] is not None
+                  and math.isfinite(cell["final_valid_loss"])]
+    if candidates:
+        method, lr, cell = min(candidates, key=lambda c: c[2]["final_valid_loss"])
+        best_baseline = {"method": method, "lr": lr, "final_valid_loss": cell["final_valid_loss"]}
+        target = cell["final_valid_loss"]
+        for run in runs:
+            evals = [(i, v) for i, v in run["valid_curve"]]
+            run["steps_to_best_baseline"] = steps_to_target(evals, target)
+    for method, info in methods.items():
+        info["baseline"] = method in baseline_methods
+    return {
+        "config": config,
+        "runs": runs,
+        "methods": methods,
+        "grid": {m: {format_lr(lr): cell for lr, cell in by_lr.items()} for m, by_lr in cells.items()},
+        "best_baseline": best_baseline,
+        "baseline_methods": baseline_methods,
+    }
+
+
+def read_json(path: str):
+    """A JSON file's content, or None when it does not exist."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _json_safe(obj):
+    """Replace non-finite floats by strings ('inf', '-inf', 'nan') so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_summary(study_dir: str, config: dict | None = None) -> dict:
+    """Summarise the study folder and write summary.json; return the summary."""
+    summary = summarize(study_dir, config)
+    path = os.path.join(study_dir, "summary.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(summary), f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return summary
+
+
+def load_summary(study_dir: str) -> dict | None:
+    """summary.json of a study folder with its 'inf'/'nan' strings turned back into floats."""
+    summary = read_json(os.path.join(study_dir, "summary.json"))
+    return _restore(summary) if summary is not None else None
+
+
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_FLOAT_FIELDS = {"final_train_loss", "final_valid_loss", "max_grad_norm", "mean_grad_norm"}
+
+
+def _restore(obj, key=None):
+    if isinstance(obj, dict):
+        return {k: _restore(v, k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore(v, key) for v in obj]
+    if isinstance(obj, str) and key in _FLOAT_FIELDS | {"valid_by_seed", "valid_curve"}:
+        return _NONFINITE.get(obj, obj)
+    return obj

@@ -1,0 +1,263 @@
+"""The study runner, its summary and its report: the summary's numbers and the rendered report
+on a synthetic fixture study (tests/fixtures/study_small, see its generate.py), and one small
+end-to-end study that trains through the driver."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from megatron_wesar.study.summary import (
+    format_lr, load_metrics, parse_run_name, run_name, spike_counts, summarize, write_summary,
+)
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "study_small")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def study_dir(tmp_path):
+    """A writable copy of the fixture study (the inputs only: study.json and runs/)."""
+    dst = tmp_path / "study"
+    dst.mkdir()
+    shutil.copy(os.path.join(FIXTURE, "study.json"), dst / "study.json")
+    shutil.copytree(os.path.join(FIXTURE, "runs"), dst / "runs")
+    return str(dst)
+
+
+def _run(summary, method, lr):
+    (run,) = [r for r in summary["runs"] if r["method"] == method and r["lr"] == lr]
+    return run
+
+
+def test_run_names_round_trip():
+    assert format_lr(3e-4) == "3e-4"
+    assert format_lr(0.01) == "1e-2"
+    assert format_lr(2.5e-4) == "2.5e-4"
+    assert run_name("wesar", 3e-4, 1) == "wesar_lr3e-4_s1"
+    assert parse_run_name("wesar_lr3e-4_s1") == ("wesar", 3e-4, 1)
+    assert parse_run_name("scaled-embed_lr1e-2_s12") == ("scaled-embed", 1e-2, 12)
+    assert parse_run_name("notes") is None
+
+
+def test_summary_of_the_fixture(study_dir):
+    summary = summarize(study_dir)
+    assert len(summary["runs"]) == 9
+    assert [r["method"] for r in summary["runs"][::3]] == ["he", "small", "wesar"]
+    valid = {"he": (2.10, 1.90, 2.30), "small": (2.20, 1.95, 1.85), "wesar": (1.70, 2.40, 2.90)}
+    for method, values in valid.items():
+        for lr, v in zip((1e-3, 3e-3, 1e-2), values):
+            run = _run(summary, method, lr)
+            assert run["steps"] == 40
+            assert run["final_valid_loss"] == pytest.approx(v)
+            # mean of the last 10% (4) steps: V + 0.05 + (0.02 - 0.02 + 0.01 - 0.01) / 4
+            assert run["final_train_loss"] == pytest.approx(v + 0.05, abs=1e-6)
+            assert run["wesar"] is (method == "wesar")
+    # best LR per method at its lowest final validation loss; grid ends flagged
+    methods = summary["methods"]
+    assert {m: methods[m]["lr"] for m in methods} == {"he": 3e-3, "small": 1e-2, "wesar": 1e-3}
+    assert {m: methods[m]["edge"] for m in methods} == {"he": None, "small": "high",
+                                                        "wesar": "low"}
+    assert methods["wesar"]["final_valid_loss"] == pytest.approx(1.70)
+    assert summary["baseline_methods"] == ["he", "small"]
+    assert summary["best_baseline"]["method"] == "small"
+    assert summary["best_baseline"]["lr"] == 1e-2
+    assert summary["best_baseline"]["final_valid_loss"] == pytest.approx(1.85)
+    # steps to the best baseline's final valid loss (1.85): valid at k is V + 0.4 (1 - k/40)
+    assert _run(summary, "wesar", 1e-3)["steps_to_best_baseline"] == 30
+    assert _run(summary, "small", 1e-2)["steps_to_best_baseline"] == 40
+    assert _run(summary, "small", 3e-3)["steps_to_best_baseline"] is None
+    assert _run(summary, "he", 3e-3)["steps_to_best_baseline"] is None
+    # spikes: the driver's running counts at the last logged step
+    zero = {"megatron": 0, "zscore": 0, "relmin": 0}
+    assert _run(summary, "he", 1e-2)["spikes"] == {"loss": {**zero, "relmin": 1},
+                                                   "grad_norm": zero}
+    assert _run(summary, "small", 1e-2)["spikes"] == {"loss": zero,
+                                                      "grad_norm": {**zero, "megatron": 2}}
+    assert _run(summary, "wesar", 1e-3)["spikes"] == {"loss": zero, "grad_norm": zero}
+    assert _run(summary, "he", 1e-2)["spike_steps"] == {"loss": {"relmin": [25]}}
+    assert _run(summary, "small", 1e-2)["spike_steps"] == {"grad_norm": {"megatron": [15, 33]}}
+    assert _run(summary, "he", 1e-2)["max_grad_norm"] == pytest.approx(7.5)
+    assert _run(summary, "he", 1e-3)["max_grad_norm"] == pytest.approx(1.5)
+    # largest loss / running minimum: the jump at step 25 (5 - 2.55 * 25/36 + 1) / (5 - 2.55 * 24/36)
+    he_spike = _run(summary, "he", 1e-2)
+    assert he_spike["max_loss_rise"] == pytest.approx((6 - 2.55 * 25 / 36) / 3.3, rel=1e-5)
+    assert he_spike["max_loss_rise_step"] == 25
+    # update ratios relative to fc1, the spread across roles, gates
+    he = _run(summary, "he", 3e-3)
+    assert he["update_ratio_rel_fc1"] == pytest.approx({"attn_proj": 2.4, "fc2": 3.0}, rel=1e-5)
+    assert he["update_ratio_spread"] == pytest.approx(3.0 / 0.5, rel=1e-5)
+    wesar = _run(summary, "wesar", 1e-3)
+    assert wesar["update_ratio_rel_fc1"] == pytest.approx({"attn_proj": 1.05, "fc2": 0.98},
+                                                          rel=1e-5)
+    assert wesar["update_ratio_spread"] == pytest.approx(1.05 / 0.98, rel=1e-5)
+    assert wesar["gate_count"] == 10 and he["gate_count"] == 0
+    assert wesar["gate_max_rel_change"] == pytest.approx(0.006, rel=1e-3)
+    assert he["gate_max_rel_change"] is None
+    assert summary["grid"]["small"]["1e-2"]["final_valid_loss"] == pytest.approx(1.85)
+
+
+def test_summary_json_is_strict_json(study_dir):
+    write_summary(study_dir)
+    with open(os.path.join(study_dir, "summary.json")) as f:
+        text = f.read()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert {"runs", "config", "methods", "grid", "best_baseline"} <= set(data)
+    run = data["runs"][0]
+    for key in ("method", "lr", "seed", "final_train_loss", "final_valid_loss", "spikes",
+                "max_grad_norm", "steps_to_best_baseline", "update_ratio_spread"):
+        assert key in run
+
+
+def test_metrics_edge_cases(tmp_path):
+    """Torn last line, no optional keys, no spike counts (rules run on the series), divergence."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"run": {"wesar": False, "train_iters": 130}})]
+    for it in range(1, 131):
+        loss = 3.0 if it != 120 else 30.0
+        lines.append(json.dumps({"iteration": it, "loss": loss, "grad_norm": 1.0, "lr": 1e-3}))
+    lines.append('{"iteration": 131, "loss": 2.')  # a run still writing
+    path.write_text("\n".join(lines) + "\n")
+    metrics = load_metrics(str(path))
+    assert len(metrics.steps) == 130 and metrics.evals == [] and metrics.logged == []
+    counts = spike_counts(metrics)
+    assert counts["loss"] == {"megatron": 1, "zscore": 1, "relmin": 1}
+    assert counts["grad_norm"] == {"megatron": 0, "zscore": 0, "relmin": 0}
+    with open(path, "a") as f:
+        f.write(json.dumps({"iteration": 131, "loss": float("nan"), "grad_norm": float("inf"),
+                            "lr": 1e-3}) + "\n")
+    from megatron_wesar.study.summary import summarize_run
+
+    run = summarize_run("he", 1e-3, 1, load_metrics(str(path)))
+    assert run["final_valid_loss"] is None and run["update_ratio_spread"] is None
+    assert run["nonfinite_steps"] == 2 and math.isnan(run["final_train_loss"])
+    assert run["max_grad_norm"] == 1.0
+
+
+def test_report_renders_from_the_fixture(study_dir, capsys):
+    from megatron_wesar.cli import main
+
+    assert main(["report", study_dir]) == 0
+    assert "report.md" in capsys.readouterr().out
+    with open(os.path.join(study_dir, "report.md")) as f:
+        report = f.read()
+    for heading in ("## Findings", "## Best learning rate per method",
+                    "## Final validation loss: learning rate x method", "## Spike counts per rule",
+                    "## Update ratios at each method's best LR"):
+        assert heading in report
+    # the tables' rows (every method in each) and the numbers behind them
+    assert "| wesar | 1e-3 | 1.750 | 1.700 | best | 30 | lowest LR of the grid |" in report
+    assert "| small | 2.200 | 1.950 | **1.850** |" in report
+    # he at 1e-2: the +1.0 loss jump at step 25 over the running minimum (3.30): 4.229 / 3.30
+    assert "| he | 3 | 0 | 0 | 1 | 0 | 0 | 0 | 0 | 1.02x | 1.28x (LR 1e-2, step 25) | 7.50 |" in report
+    for method, rel in (("he", "2.40x | 3.00x"), ("small", "2.00x | 2.50x"),
+                        ("wesar", "1.05x | 0.98x")):
+        assert any(line.startswith(f"| {method} |") and rel in line
+                   for line in report.splitlines())
+    assert "wesar reaches the lowest final validation loss" in report
+    assert ("loss/relmin flagged 1 of 360 steps (0.3%) in 1 of 9 runs: he at LR 1e-2 seed 1 "
+            "(steps 25)") in report and "No training loss spikes" not in report
+    assert "Rules megatron, zscore flagged none of its steps" in report
+    assert "scaled-embed" in report
+    for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png"):
+        path = os.path.join(study_dir, name)
+        assert f"]({name})" in report
+        with open(path, "rb") as f:
+            data = f.read()
+        assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 5000
+    assert os.path.isfile(os.path.join(study_dir, "summary.json"))
+
+
+def test_report_says_no_spikes_plainly(study_dir):
+    """Without any flagged step the Findings say so; without gated runs there is no gate plot."""
+    from megatron_wesar.study.report import render_report
+
+    runs = os.path.join(study_dir, "runs")
+    for name in os.listdir(runs):
+        if name.startswith("wesar"):
+            shutil.rmtree(os.path.join(runs, name))
+            continue
+        path = os.path.join(runs, name, "metrics.jsonl")
+        records = [json.loads(line) for line in open(path)]
+        for rec in records:
+            for key in list(rec):
+                if key.startswith(("spikes/", "spike/")):
+                    rec[key] = 0.0
+        with open(path, "w") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in records)
+    report = open(render_report(study_dir)).read()
+    assert "No spikes: no rule (megatron, zscore, relmin) flagged any step" in report
+    assert "No training loss spikes" not in report  # one plain sentence when nothing fired
+    assert "gates.png" not in report and not os.path.exists(os.path.join(study_dir, "gates.png"))
+
+
+def test_study_presets_are_valid_driver_arguments(tmp_path):
+    from megatron_wesar.study.runner import METHODS, parse_study_args
+    from megatron_wesar.training.arguments import parse_pretrain_args
+
+    config = parse_study_args(["--preset", "tiny", "--dir", str(tmp_path)])
+    assert sorted(config.methods) == sorted(METHODS) and len(config.plan()) == 20
+    for method, lr, seed in config.plan():
+        args = parse_pretrain_args(config.run_argv(method, lr, seed))
+        assert args.lr == lr and args.seed == seed
+        assert args.wesar is (method == "wesar")
+        assert args.tensor_model_parallel_size == 2
+    with pytest.raises(SystemExit):
+        parse_study_args(["--methods", "he,embed-ln"])
+
+
+# --------------------------------------------------------------------------- end to end
+
+E2E_ARGS = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+            "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "4",
+            "--global-batch-size", "4", "--lr-warmup-iters", "1", "--log-interval", "3",
+            "--eval-interval", "3", "--eval-iters", "1", "--tensor-model-parallel-size", "1"]
+
+
+def _study(rank, world_size, out_dir):
+    import contextlib
+    import io
+
+    from megatron_wesar.study.runner import parse_study_args, run_study
+
+    argv = ["--dir", out_dir, "--methods", "he,wesar", "--lrs", "1e-3,1e-2", "--seeds", "1",
+            "--train-iters", "6", "--", *E2E_ARGS]
+    lines = []
+    run_study(parse_study_args(argv), log=lines.append)
+    mtimes = {p: os.path.getmtime(p) for p in _metrics_files(out_dir)}
+    again = []  # a second call keeps the complete runs
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_study(parse_study_args(argv), log=again.append)
+    assert {p: os.path.getmtime(p) for p in _metrics_files(out_dir)} == mtimes
+    return lines, again
+
+
+def _metrics_files(out_dir):
+    runs = os.path.join(out_dir, "runs")
+    return sorted(os.path.join(runs, n, "metrics.jsonl") for n in os.listdir(runs))
+
+
+def test_small_study_end_to_end(tmp_path):
+    from distributed import run_distributed
+
+    out_dir = str(tmp_path / "study")
+    lines, again = run_distributed(_study, 1, out_dir, timeout=300)[0]
+    progress = [line for line in lines if line.startswith("[")]
+    assert len(progress) == 4 and progress[-1].startswith("[##########] 4/4")
+    assert all("(kept" in line for line in again if line.startswith("["))
+    summary = json.load(open(os.path.join(out_dir, "summary.json")))
+    assert sorted((r["method"], r["lr"]) for r in summary["runs"]) == [
+        ("he", 1e-3), ("he", 1e-2), ("wesar", 1e-3), ("wesar", 1e-2)]
+    for run in summary["runs"]:
+        assert run["steps"] == 6
+        assert math.isfinite(run["final_train_loss"]) and math.isfinite(run["final_valid_loss"])
+        assert [i for i, _ in run["valid_curve"]] == [3, 6]
+        assert run["update_ratio_spread"] is not None and run["update_ratio_spread"] >= 1.0
+        assert set(run["spikes"]) == {"loss", "grad_norm"}
+        assert (run["gate_count"] > 0) is (run["method"] == "wesar")
+    assert set(summary["methods"]) == {"he", "wesar"}
+    report = open(os.path.join(out_dir, "report.md")).read()
+    assert "## Findings" in report and "| wesar |" in report
+    for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png"):
+        assert open(os.path.join(out_dir, name), "rb").read(8) == PNG_SIGNATURE
