@@ -63,6 +63,27 @@ def _accepted_kwargs(cls, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+class GateScale(torch.autograd.Function):
+    """y = x * gate for a (1,)-shaped gate. Backward takes the gate gradient as one dot product
+    (no temporary the size of x), in fp32 or wider."""
+
+    @staticmethod
+    def forward(ctx, x, gate):
+        ctx.save_for_backward(x, gate)
+        return x * gate.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate = ctx.saved_tensors
+        grad_x = grad * gate.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_gate = None
+        if ctx.needs_input_grad[1]:
+            acc = torch.promote_types(grad.dtype, torch.float32)
+            grad_gate = torch.dot(grad.reshape(-1).to(acc), x.reshape(-1).to(acc))
+            grad_gate = grad_gate.reshape(1).to(gate.dtype)
+        return grad_x, grad_gate
+
+
 def cheapest_placement(
     input_elems: float, output_elems: float, input_partial: bool, output_partial: bool, defer: bool
 ) -> str:
@@ -123,7 +144,7 @@ class _Gated:
             gate = copy_to_tensor_model_parallel_region(gate, group=self.tp_group)
         elif gate.tp_partial_grad and torch.is_grad_enabled():
             _check_finalize_reduces_gates(self.config)
-        return activation * gate.to(activation.dtype)
+        return GateScale.apply(activation, gate)
 
     def _gated_linear(self, linear_forward, input_, **kwargs):
         """Run the parent linear with the gate on its input or output; return (output, bias)."""
