@@ -338,12 +338,12 @@ def gate_parameters(module: torch.nn.Module):
     return [(n, p) for n, p in module.named_parameters() if getattr(p, "wesar_gate", False)]
 
 
-def assert_gates_finite(module: torch.nn.Module) -> None:
-    """Raise NonFiniteGateError naming every gate of `module` whose value is NaN or infinite.
+def assert_gates_finite(gates: list) -> None:
+    """Raise NonFiniteGateError naming every gate of `gates` ((name, gate) pairs, as
+    `gate_parameters` lists them) whose value is NaN or infinite.
 
     One fused check (a single host sync) for all gates.
     """
-    gates = gate_parameters(module)
     if not gates:
         return
     values = torch.cat([g.detach().reshape(1).float() for _, g in gates])

@@ -36,6 +36,7 @@ from .layers import (
     GatedRowParallelLinear,
     GatedVocabParallelEmbedding,
     assert_gates_finite,
+    gate_parameters,
 )
 from .norm import TorchNorm
 
@@ -167,11 +168,12 @@ class WeSaRGPTModel(GPTModel):
             )
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
+        self.named_gates = gate_parameters(self)  # listed once, checked at every forward
 
     def forward(self, *args, **kwargs):
         """GPTModel.forward, after checking (one fused check) that every gate is finite."""
         if self.wesar.check_finite_gates:
-            assert_gates_finite(self)
+            assert_gates_finite(self.named_gates)
         return super().forward(*args, **kwargs)
 
 
