@@ -27,26 +27,47 @@ def _grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     return param.grad if grad is None else grad
 
 
+def _model_gates(chunk: torch.nn.Module) -> list:
+    """(name, gate) pairs of one model chunk: the list the WeSaR model keeps (unwrapping DDP /
+    Float16Module), else a walk over the chunk's parameters."""
+    module = chunk
+    while not hasattr(module, "named_gates") and hasattr(module, "module"):
+        module = module.module
+    named = getattr(module, "named_gates", None)
+    return gate_parameters(chunk) if named is None else named
+
+
+def _nonfinite_flag(grads: List[torch.Tensor]) -> torch.Tensor:
+    """A (1,) fp32 tensor: 0 when every element of `grads` is finite, else inf (no host sync)."""
+    finite = torch.isfinite(torch.cat([g.reshape(-1).float() for g in grads])).all()
+    return torch.where(finite, 0.0, float("inf")).reshape(1)
+
+
 def reduce_gate_grads(model: List[torch.nn.Module], tp_group=None) -> None:
-    """Sum the TP partial-sum gate gradients of `model` in one collective; check all are finite."""
-    gates = [(name, p) for chunk in model for name, p in gate_parameters(chunk) if p.requires_grad]
-    named = [(name, _grad_of(p), p.tp_partial_grad) for name, p in gates]
+    """Sum the TP partial-sum gate gradients of `model` in one collective; check all are finite.
+
+    With TP > 1 the finiteness of the complete (never summed) gate gradients rides in the same
+    collective as a flag, so every rank of the TP group raises NonFiniteGateError together.
+    """
+    named = [(name, _grad_of(p), p.tp_partial_grad)
+             for chunk in model for name, p in _model_gates(chunk) if p.requires_grad]
     named = [(name, grad, partial) for name, grad, partial in named if grad is not None]
     if not named:
         return
     if tp_group is None:
         tp_group = parallel_state.get_tensor_model_parallel_group()
     partial_grads = [grad for _, grad, partial in named if partial]
-    bad = False
-    if partial_grads and tp_group.size() > 1:
-        bad = allreduce_gate_grads(partial_grads, tp_group)
-    complete = [grad.reshape(-1) for _, grad, partial in named if not partial]
-    if complete and not bool(torch.isfinite(torch.cat(complete)).all()):
-        bad = True
+    complete = [grad for _, grad, partial in named if not partial]
+    if tp_group.size() > 1:
+        flag = [_nonfinite_flag(complete)] if complete else []
+        bad = allreduce_gate_grads(partial_grads + flag, tp_group)
+    else:
+        bad = bool(_nonfinite_flag([grad for _, grad, _ in named]).item())
     if bad:
         names = [name for name, grad, _ in named if not bool(torch.isfinite(grad).all())]
+        where = ", ".join(names) if names else "on another tensor-parallel rank"
         raise NonFiniteGateError(
-            f"non-finite gradient of WeSaR gate(s) {', '.join(names)}; the step is not applied. "
+            f"non-finite gradient of WeSaR gate(s) {where}; the step is not applied. "
             "Lower the learning rate, check the data, or resume from an earlier checkpoint."
         )
 

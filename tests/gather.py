@@ -74,14 +74,17 @@ def _split_fused(model, canon: str, tensor: torch.Tensor) -> dict:
     return {canon: tensor}
 
 
-def local_canonical(model, values: str = "param") -> dict:
+def local_canonical(model, values: str = "param", only=None) -> dict:
     """{canonical name: (tensor, partition_dim or None)} for this rank.
 
     `values` picks what to read: 'param' (the values) or 'grad' (main_grad, else .grad).
+    `only`: a set of parameter ids; the others are skipped.
     """
     model = unwrap(model)
     out = {}
     for name, param in model.named_parameters():
+        if only is not None and id(param) not in only:
+            continue
         canon = canonical_name(model, name)
         if values == "param":
             tensor = param.detach()
@@ -100,23 +103,28 @@ def local_canonical(model, values: str = "param") -> dict:
     return out
 
 
-def gather_canonical(model, values: str = "param") -> dict:
+def gather_canonical(model, values: str = "param", owned=None) -> dict:
     """The full canonical state dict (same on every rank), TP shards concatenated.
 
-    Replicated tensors must agree over TP ranks: a mismatch raises (that is how an incomplete
-    gate gradient shows up).
+    By default every data-parallel replica holds the same values and DP rank 0's are read.
+    `owned` (a set of parameter ids) reads each parameter from the DP rank that owns it instead:
+    with the distributed optimizer the reduced gradient of a parameter lives only on the rank
+    whose gradient-buffer shard holds it. Replicated tensors must agree over TP ranks: a mismatch
+    raises (that is how an incomplete gate gradient shows up).
     """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     dp_rank = parallel_state.get_data_parallel_rank()
-    mine = (tp_rank, dp_rank, local_canonical(model, values))
+    mine = (tp_rank, dp_rank, local_canonical(model, values, only=owned))
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     pieces: dict = {}
     for tp, dp, entries in everyone:
-        if dp != 0:
+        if owned is None and dp != 0:
             continue
         for key, (tensor, dim) in entries.items():
-            pieces.setdefault(key, {})[tp] = (tensor, dim)
+            if tp in pieces.setdefault(key, {}):
+                raise AssertionError(f"{key} is owned by two data-parallel ranks")
+            pieces[key][tp] = (tensor, dim)
     full = {}
     for key, by_tp in pieces.items():
         ordered = [by_tp[t] for t in sorted(by_tp)]
@@ -130,3 +138,12 @@ def gather_canonical(model, values: str = "param") -> dict:
         else:
             full[key] = torch.cat([t for t, _ in ordered], dim=dim)
     return full
+
+
+def distributed_optimizer_owned(optimizer, params) -> set:
+    """Ids of those of `params` whose gradient-buffer shard this DP rank owns under megatron's
+    distributed optimizer (each optimizer of a chain maps the parameters of its local shards)."""
+    owned = set()
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        owned.update(id(p) for p in opt.model_param_gbuf_map)
+    return {id(p) for p in params} & owned

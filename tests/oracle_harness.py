@@ -3,7 +3,8 @@
 `run_megatron_case` runs inside every rank of a gloo group (megatron DDP, the megatron optimizer,
 the pipeline schedules, finalize_model_grads); `run_reference_case` replays the same steps on the
 reference decoder from the gathered initial weights. Both return per-step losses, gate gradients
-(before clipping), global grad norms and gate values after each optimizer step.
+(before clipping), global grad norms and gate values after each optimizer step, and every
+trained tensor (W_bar, gates, biases, norms, embeddings) after the last step.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from gather import gather_canonical
+from gather import distributed_optimizer_owned, gather_canonical
 from reference import ReferenceArch, ReferenceGPT, reference_adamw
 
 
@@ -31,8 +32,14 @@ class Case:
     rope: bool = False
     rmsnorm: bool = False
     enabled: bool = True
+    sigma: float | None = None  # None: WeSaRConfig's default
+    gate_embedding: bool = True
+    gate_output_layer: bool = True
+    train_gates: bool = True
     distributed_optimizer: bool = False
     defer_gate_grad_reduction: bool = True
+    stock_finalize: bool = False  # megatron-core's own finalize_model_grads
+    layer_spec_only: bool = False  # megatron's GPTModel with get_wesar_layer_spec (ungated ends)
     steps: int = 5
     micro_batches: int = 2
     micro_batch_size: int = 2
@@ -68,10 +75,19 @@ class Case:
             rmsnorm=self.rmsnorm,
         )
 
+    @property
+    def num_gates(self) -> int:
+        """How many gates the model has: 4 per layer, plus the gated embedding and output."""
+        if not self.enabled:
+            return 0
+        ends = 0 if self.layer_spec_only else self.gate_embedding + self.gate_output_layer
+        return 4 * self.num_layers + ends
+
     def global_batch(self, step: int) -> torch.Tensor:
-        """Token ids [global batch, seq_len + 1] of `step`, the same for every layout."""
+        """Token ids [global batch, seq_len + 1] of `step` (a new batch every step), the same for
+        every layout."""
         rows = self.dp * self.micro_batches * self.micro_batch_size
-        gen = torch.Generator().manual_seed(self.seed)  # one batch, memorised over the steps
+        gen = torch.Generator().manual_seed(self.seed * 1000 + step)
         return torch.randint(0, self.vocab_size, (rows, self.seq_len + 1), generator=gen)
 
 
@@ -105,24 +121,47 @@ def transformer_config(case: Case):
     )
 
 
-def _wesar_config(case: Case):
+def wesar_config(case: Case):
+    """The WeSaRConfig of a case."""
     from megatron_wesar.config import WeSaRConfig
 
     return WeSaRConfig(
         backbone=case.backbone,
         enabled=case.enabled,
+        gate_embedding=case.gate_embedding,
+        gate_output_layer=case.gate_output_layer,
+        train_gates=case.train_gates,
         defer_gate_grad_reduction=case.defer_gate_grad_reduction,
+        **({} if case.sigma is None else {"sigma": case.sigma}),
     )
+
+
+def _layer_spec_only_gpt(config, wesar, vocab_size, max_sequence_length, *, init_seed=None,
+                         **gpt_kwargs):
+    """megatron-core's own GPTModel (ungated embedding and output layer, megatron's init) with
+    the WeSaR TransformerLayer spec: what a user of get_wesar_layer_spec alone builds."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_wesar.spec import get_wesar_layer_spec, seed_for_module
+
+    seed_for_module(init_seed, 0)
+    return GPTModel(config, get_wesar_layer_spec(wesar, init_seed), vocab_size,
+                    max_sequence_length, **gpt_kwargs)
+
+
+def _model_builder(case: Case):
+    from megatron_wesar.spec import build_gpt_model
+
+    return _layer_spec_only_gpt if case.layer_spec_only else build_gpt_model
 
 
 def build_case_model(case: Case):
     """Initialise model parallelism for `case` on this rank and build its bare model."""
-    from megatron_wesar.spec import build_gpt_model
     from megatron_wesar.training.engine import initialize_parallel
 
     initialize_parallel(case.tp, case.pp, case.seed)
-    return build_gpt_model(transformer_config(case), _wesar_config(case), case.vocab_size,
-                           case.seq_len, **_gpt_kwargs(case))
+    return _model_builder(case)(transformer_config(case), wesar_config(case), case.vocab_size,
+                                case.seq_len, **_gpt_kwargs(case))
 
 
 def _gpt_kwargs(case: Case) -> dict:
@@ -166,61 +205,66 @@ def _float64_loss(labels, loss_mask, logits):
     return masked_mean_loss(loss_mask, per_token)
 
 
+def build_case_engine(case: Case):
+    """Initialise model parallelism for `case` and build its engine (DDP, optimizer, finalize)."""
+    from megatron.core.distributed import finalize_model_grads as stock_finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_wesar.training import engine as engine_module
+
+    engine_module.initialize_parallel(case.tp, case.pp, case.seed)
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=case.lr,
+        weight_decay=case.weight_decay,
+        adam_beta1=case.betas[0],
+        adam_beta2=case.betas[1],
+        adam_eps=case.eps,
+        clip_grad=case.clip_grad,
+        use_distributed_optimizer=case.distributed_optimizer,
+    )
+    real_builder = engine_module.build_gpt_model
+    engine_module.build_gpt_model = _model_builder(case)
+    try:
+        engine = engine_module.build_engine(transformer_config(case), wesar_config(case),
+                                            case.vocab_size, case.seq_len, optimizer_config,
+                                            **_gpt_kwargs(case))
+    finally:
+        engine_module.build_gpt_model = real_builder
+    if case.stock_finalize:
+        engine.config.finalize_model_grads_func = stock_finalize_model_grads
+    return engine
+
+
 def run_megatron_case(rank: int, world_size: int, case: Case) -> dict:
     """Train `case` for case.steps steps on this rank; return the gathered per-step records."""
     from megatron.core import parallel_state
-    from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_wesar.training.engine import (
-        build_engine,
-        initialize_parallel,
-        lm_forward_step,
-        train_step,
-    )
+    from megatron_wesar.training.engine import lm_forward_step, train_step
 
     assert world_size == case.world_size
-    initialize_parallel(case.tp, case.pp, case.seed)
-    engine = build_engine(
-        transformer_config(case),
-        _wesar_config(case),
-        case.vocab_size,
-        case.seq_len,
-        OptimizerConfig(
-            optimizer="adam",
-            lr=case.lr,
-            weight_decay=case.weight_decay,
-            adam_beta1=case.betas[0],
-            adam_beta2=case.betas[1],
-            adam_eps=case.eps,
-            clip_grad=case.clip_grad,
-            use_distributed_optimizer=case.distributed_optimizer,
-        ),
-        **_gpt_kwargs(case),
-    )
+    engine = build_case_engine(case)
     records = {"losses": [], "gate_grads": [], "gates": [], "grad_norms": []}
     records["initial"] = gather_canonical(engine.module)
+    gates = [p for n, p in engine.module.named_parameters() if n.endswith(".gate")]
+    # with the distributed optimizer each reduced gate gradient lives on one DP rank only
+    owned = (distributed_optimizer_owned(engine.optimizer, gates)
+             if case.distributed_optimizer else None)
 
     def record_gate_grads(engine):
-        if case.distributed_optimizer:
-            records["gate_grads"].append(None)
-            return
-        grads = gather_canonical(engine.module, values="grad")
+        grads = gather_canonical(engine.module, values="grad", owned=owned)
         records["gate_grads"].append({k: v for k, v in grads.items() if k.endswith(".gate")})
 
+    forward_step = _float64_forward_step if case.dtype == torch.float64 else lm_forward_step
     for step in range(case.steps):
-        result = train_step(
-            engine,
-            _microbatches(case, step),
-            case.micro_batches,
-            case.micro_batch_size,
-            case.seq_len,
-            forward_step_func=_float64_forward_step if case.dtype == torch.float64 else lm_forward_step,
-            after_backward=record_gate_grads,
-        )
+        result = train_step(engine, _microbatches(case, step), case.micro_batches,
+                            case.micro_batch_size, case.seq_len, forward_step_func=forward_step,
+                            after_backward=record_gate_grads)
         params = gather_canonical(engine.module)
         records["gates"].append({k: v for k, v in params.items() if k.endswith(".gate")})
         records["losses"].append(result.loss)
         records["grad_norms"].append(result.grad_norm)
+    records["final"] = params
     parallel_state.destroy_model_parallel()
     return records
 
@@ -228,6 +272,8 @@ def run_megatron_case(rank: int, world_size: int, case: Case) -> dict:
 def run_reference_case(case: Case, initial: dict) -> dict:
     """Replay `case` on the dense reference decoder loaded from `initial`."""
     model = ReferenceGPT(case.arch(), initial)
+    for gate in model.gates().values():
+        gate.requires_grad_(case.train_gates)
     optimizer = reference_adamw(model, case.lr, case.betas, case.eps, case.weight_decay)
     records = {"losses": [], "gate_grads": [], "gates": [], "grad_norms": []}
     for step in range(case.steps):
@@ -235,10 +281,13 @@ def run_reference_case(case: Case, initial: dict) -> dict:
         tokens = case.global_batch(step)
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
-        records["gate_grads"].append({k: g.grad.clone() for k, g in model.gates().items()})
+        records["gate_grads"].append(
+            {k: g.grad.clone() for k, g in model.gates().items() if g.grad is not None}
+        )
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip_grad or float("inf"))
         optimizer.step()
         records["losses"].append(loss.item())
         records["grad_norms"].append(norm.item())
         records["gates"].append({k: g.detach().clone() for k, g in model.gates().items()})
+    records["final"] = model.canonical_state_dict()
     return records

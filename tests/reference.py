@@ -49,6 +49,20 @@ class GatedDense(torch.nn.Module):
         return F.linear(x, self.effective_weight(), self.bias)
 
 
+def _split_dense(dense: GatedDense, prefix: str, name: str, parts: dict) -> dict:
+    """Canonical entries of a (possibly fused) dense layer: its weight/bias rows split into
+    `parts` ({canonical part name: rows}), and its gate under `name`."""
+    out = {}
+    for leaf in ("weight", "bias"):
+        tensor = getattr(dense, leaf)
+        if tensor is not None:
+            for part, piece in zip(parts, tensor.split(list(parts.values()))):
+                out[f"{prefix}{part}.{leaf}"] = piece
+    if dense.gate is not None:
+        out[f"{prefix}{name}.gate"] = dense.gate
+    return out
+
+
 class Norm(torch.nn.Module):
     def __init__(self, weight, bias, rms: bool, eps: float):
         super().__init__()
@@ -103,6 +117,18 @@ class Block(torch.nn.Module):
             fc1_w, fc1_b = get("fc1.weight"), get("fc1.bias")
         self.fc1 = GatedDense(fc1_w, fc1_b, get("fc1.gate"))
         self.fc2 = GatedDense(get("fc2.weight"), get("fc2.bias"), get("fc2.gate"))
+
+    def canonical_state(self, prefix: str) -> dict:
+        """This block's tensors under the canonical names it was loaded from."""
+        d, ffn = self.arch.hidden_size, self.arch.ffn_hidden_size
+        out = {f"{prefix}ln1.{k}": v for k, v in self.ln1.named_parameters()}
+        out.update({f"{prefix}ln2.{k}": v for k, v in self.ln2.named_parameters()})
+        out.update(_split_dense(self.qkv, prefix, "qkv", {"q": d, "k": d, "v": d}))
+        out.update(_split_dense(self.proj, prefix, "proj", {"proj": d}))
+        fc1_parts = {"fc1_gate": ffn, "fc1_up": ffn} if self.arch.swiglu else {"fc1": ffn}
+        out.update(_split_dense(self.fc1, prefix, "fc1", fc1_parts))
+        out.update(_split_dense(self.fc2, prefix, "fc2", {"fc2": d}))
+        return out
 
     def attention(self, x):
         b, s, d = x.shape
@@ -160,6 +186,20 @@ class ReferenceGPT(torch.nn.Module):
             for name in ("qkv", "proj", "fc1", "fc2"):
                 out[f"layers.{i}.{name}.gate"] = getattr(block, name).gate
         return {k: v for k, v in out.items() if v is not None}
+
+    def canonical_state_dict(self) -> dict:
+        """Every tensor under the canonical names of the state dict it was loaded from."""
+        out = {"embedding.weight": self.embedding, "final_norm.weight": self.final_norm.weight}
+        if self.final_norm.bias is not None:
+            out["final_norm.bias"] = self.final_norm.bias
+        if self.position is not None:
+            out["position.weight"] = self.position
+        if self.output is not None:
+            out["output.weight"] = self.output
+        for i, block in enumerate(self.blocks):
+            out.update(block.canonical_state(f"layers.{i}."))
+        out.update(self.gates())
+        return {k: v.detach().clone() for k, v in out.items()}
 
     def forward(self, tokens, labels):
         table = self.embedding if self.embedding_gate is None else self.embedding_gate * self.embedding

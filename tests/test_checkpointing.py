@@ -5,7 +5,10 @@ Every training run happens in a spawned gloo process (tests/distributed.py), thr
 
 - resume: 4 steps + save + resume for 4 more == 8 uninterrupted steps, bitwise (losses, gates,
   every model and optimizer tensor of the final checkpoint, scheduler state);
-- resharding: TP2 and PP2 checkpoints resumed with TP1 / PP1 (model and Adam moments);
+- resharding: TP2 and PP2 checkpoints resumed with TP1 / PP1 (model and Adam moments); a TP1
+  checkpoint resumed with TP2 (sequence parallel) and PP2: the state right after loading
+  re-saved bitwise, and after one more step every weight, gate and Adam moment as TP1's up
+  to rounding;
   distributed-optimizer checkpoints resumed with the same layout (bitwise), another DP size,
   and without it (weights only, with a warning);
 - atomicity: a save SIGKILLed inside dist_checkpointing.save, and after the rename but before
@@ -29,15 +32,17 @@ TINY = [
     "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
     "--global-batch-size", "4", "--log-interval", "1",
 ]
-ITER4, ITER8 = "iter_0000004", "iter_0000008"
+ITER4, ITER5, ITER8 = "iter_0000004", "iter_0000005", "iter_0000008"
 
 
 class _Interrupted(Exception):
     """Raised by the test hook to stop a run right after a checkpoint (a preempted job)."""
 
 
-def _pretrain(argv, stop_after_save=None):
-    """Run the driver in this (spawned) process; returns (per-step losses, log lines)."""
+def _pretrain(argv, stop_after_save=None, save_loaded=None):
+    """Run the driver in this (spawned) process; returns (per-step losses, log lines).
+
+    `save_loaded`: a directory where the state is saved again right after loading `--load`."""
     from megatron.core import parallel_state
 
     import megatron_wesar.training.pretrain as driver
@@ -45,7 +50,8 @@ def _pretrain(argv, stop_after_save=None):
 
     lines = []
     losses = []
-    real_save, real_step = driver.save_checkpoint, driver.train_step
+    real_save, real_step, real_load = (
+        driver.save_checkpoint, driver.train_step, driver.load_checkpoint)
 
     def save(engine, iteration, directory, log=print):
         path = real_save(engine, iteration, directory, log=log)
@@ -58,19 +64,26 @@ def _pretrain(argv, stop_after_save=None):
         losses.append(result.loss)
         return result
 
-    driver.save_checkpoint, driver.train_step = save, train_step
+    def load(engine, directory, **kwargs):
+        iteration = real_load(engine, directory, **kwargs)
+        if save_loaded:
+            real_save(engine, iteration, save_loaded, log=lines.append)
+        return iteration
+
+    driver.save_checkpoint, driver.train_step, driver.load_checkpoint = save, train_step, load
     try:
         driver.pretrain(parse_pretrain_args(TINY + list(argv)), log=lines.append)
     except _Interrupted:
         parallel_state.destroy_model_parallel()
     finally:
-        driver.save_checkpoint, driver.train_step = real_save, real_step
+        driver.save_checkpoint, driver.train_step, driver.load_checkpoint = (
+            real_save, real_step, real_load)
     return losses, lines
 
 
 def _pretrain_runs(rank, world_size, runs):
-    """`runs`: list of (argv, stop_after_save); one (losses, log lines) per run."""
-    return [_pretrain(argv, stop) for argv, stop in runs]
+    """`runs`: list of (argv, stop_after_save[, save_loaded]); one (losses, log lines) per run."""
+    return [_pretrain(*run) for run in runs]
 
 
 def _checkpoint_tensors(path):
@@ -89,6 +102,14 @@ def _checkpoint_tensors(path):
 
     walk("", dist_checkpointing.load_plain_tensors(path))
     return flat, dist_checkpointing.load_common_state_dict(path)
+
+
+def _pretrain_and_read(rank, world_size, runs, paths):
+    """`_pretrain_runs`, then the tensors of the checkpoints at `paths` (read by every rank,
+    returned by rank 0)."""
+    results = _pretrain_runs(rank, world_size, runs)
+    tensors = [_checkpoint_tensors(path)[0] for path in paths]
+    return results, tensors if rank == 0 else None
 
 
 def _resume_and_compare(rank, world_size, argv, ckpt_a, ckpt_b):
@@ -111,12 +132,12 @@ def _resume_and_compare(rank, world_size, argv, ckpt_a, ckpt_b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """8 uninterrupted steps (saved at the end only), and a run preempted after its
+    """8 uninterrupted steps (saved at iterations 5 and 8), and a run preempted after its
     checkpoint at iteration 4 (same schedule: --train-iters 8)."""
     root = tmp_path_factory.mktemp("ckpt")
     full, preempted = str(root / "full"), str(root / "preempted")
     (full_losses, _), (first_losses, lines) = run_distributed(_pretrain_runs, 1, [
-        (["--train-iters", "8", "--save", full], None),
+        (["--train-iters", "8", "--save", full, "--save-interval", "5"], None),
         (["--train-iters", "8", "--save", preempted, "--save-interval", "4"], 4),
     ])[0]
     return {"root": root, "full": full, "losses": full_losses, "preempted": preempted,
@@ -145,20 +166,38 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(reference):
     assert out["iteration"] == (8, 8)
 
 
+UPWARD = {"tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+          "pp2": ["--pipeline-model-parallel-size", "2"]}
+
+
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
+def layouts(tmp_path_factory, reference):
     """Checkpoints at iteration 4 of 6-step runs on 2 ranks (TP2; PP2; distributed optimizer
-    DP2), and resumed runs from them on 2 ranks (same layout) and on 1 rank (other layouts)."""
+    DP2), and resumed runs from them on 2 ranks (same layout) and on 1 rank (other layouts).
+
+    Upward: `reference`'s TP1 checkpoint of iteration 4 resumed on 2 ranks with each layout of
+    UPWARD; each run saves the state it loaded (iteration 4), takes two steps (5, 6) saving
+    after each. "tensors" maps (layout, iteration) to a checkpoint's tensors, "tp1" included."""
     root = tmp_path_factory.mktemp("layouts")
     tp2, pp2, dp2 = str(root / "tp2"), str(root / "pp2"), str(root / "dp2")
     six = ["--train-iters", "6"]
-    tp2_run, pp2_run, dp2_run, dp2_resumed = run_distributed(_pretrain_runs, 2, [
+    resume = ["--train-iters", "8", "--load", os.path.join(reference["preempted"], ITER4),
+              "--save-interval", "1"]
+    upward = {name: str(root / f"{name}_from_tp1") for name in UPWARD}
+    checkpoints = {("tp1", 4): os.path.join(reference["preempted"], ITER4),
+                   ("tp1", 5): os.path.join(reference["full"], ITER5)}
+    for name, directory in upward.items():
+        checkpoints.update({(name, 4): os.path.join(directory, ITER4),
+                            (name, 5): os.path.join(directory, ITER5)})
+    runs, tensors = run_distributed(_pretrain_and_read, 2, [
         (six + ["--tensor-model-parallel-size", "2", "--save", tp2, "--save-interval", "4"], None),
         (six + ["--pipeline-model-parallel-size", "2", "--save", pp2, "--save-interval", "4"],
          None),
         (six + ["--use-distributed-optimizer", "--save", dp2, "--save-interval", "4"], None),
         (six + ["--use-distributed-optimizer", "--load", os.path.join(dp2, ITER4)], None),
-    ])[0]
+    ] + [(resume + UPWARD[name] + ["--save", directory], 6, directory)
+         for name, directory in upward.items()], list(checkpoints.values()))[0]
+    tp2_run, pp2_run, dp2_run, dp2_resumed = runs[:4]
     # --load of one checkpoint directory (iteration 4), not the tracker's latest (6).
     tp1_from_tp2, pp1_from_pp2, dp1_from_dp2, plain_from_dp2 = run_distributed(
         _pretrain_runs, 1, [
@@ -169,7 +208,8 @@ def layouts(tmp_path_factory):
         ])[0]
     return {"tp2": tp2_run, "pp2": pp2_run, "dp2": dp2_run, "dp2_resumed": dp2_resumed,
             "tp1_from_tp2": tp1_from_tp2, "pp1_from_pp2": pp1_from_pp2,
-            "dp1_from_dp2": dp1_from_dp2, "plain_from_dp2": plain_from_dp2}
+            "dp1_from_dp2": dp1_from_dp2, "plain_from_dp2": plain_from_dp2,
+            "upward": dict(zip(UPWARD, runs[4:])), "tensors": dict(zip(checkpoints, tensors))}
 
 
 def _close(ours, theirs, rtol):
@@ -190,6 +230,58 @@ def test_checkpoint_resumes_with_another_layout(layouts, source, target, layout)
     assert any(f"written with {layout}" in line for line in lines)
     assert any("optimizer state resharded" in line for line in lines)
     assert not any("NOT loaded" in line for line in lines)
+
+
+# float32 in another reduction order (TP partial sums, the tied embedding's all-reduce). The
+# key part of the qkv bias has an exactly zero gradient (softmax is shift invariant): Adam
+# normalises the rounding noise there, so that tensor follows the reduction order more loosely.
+RTOL, RTOL_QKV_BIAS = 2e-5, 1e-3
+QKV_BIAS = "decoder.layers.self_attention.linear_qkv.bias"
+
+
+def _assert_full_state(ours, theirs):
+    """Both checkpoints hold the same keys: every weight and gate, both Adam moments of each,
+    and the Adam step."""
+    weights = [k for k in theirs if not k.startswith("optimizer.")]
+    gates = [k for k in weights if k.endswith(".gate")]
+    assert len(gates) == 6, gates  # qkv, proj, fc1, fc2 (stacked over layers), embedding, output
+    expected = sorted(weights + ["optimizer.state.common_step"] + [
+        f"optimizer.state.{moment}.{k}" for moment in ("exp_avg", "exp_avg_sq") for k in weights])
+    assert sorted(theirs) == expected and sorted(ours) == expected
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("layout", list(UPWARD))
+def test_upward_resharding_loads_the_adam_moments_exactly(layouts, layout):
+    """TP1 -> TP2 (sequence parallel) / PP2: the state the resumed run loaded, saved again
+    before any step, is the TP1 checkpoint's bitwise (weights, gates, Adam moments, step)."""
+    theirs, ours = layouts["tensors"]["tp1", 4], layouts["tensors"][layout, 4]
+    _assert_full_state(ours, theirs)
+    assert [k for k in theirs if not ours[k].equal(theirs[k])] == []
+    assert ours["optimizer.state.common_step"].item() == 4
+    _, lines = layouts["upward"][layout]
+    assert any("written with TP1 PP1 DP1" in line for line in lines)
+    assert any("optimizer state resharded" in line for line in lines)
+    assert not any("NOT loaded" in line for line in lines)
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("layout", list(UPWARD))
+def test_upward_resharding_continues_like_tp1(reference, layouts, layout):
+    """TP1 -> TP2 / PP2, then steps 5 and 6: the losses, and after step 5 every weight, gate
+    and Adam moment, equal TP1's up to float32 reduction order."""
+    theirs, ours = layouts["tensors"]["tp1", 5], layouts["tensors"][layout, 5]
+    _assert_full_state(ours, theirs)
+    assert ours["optimizer.state.common_step"].item() == 5
+    far = {}
+    for key, expected in theirs.items():
+        rtol = RTOL_QKV_BIAS if key == QKV_BIAS else RTOL
+        diff, scale = (ours[key] - expected).abs().max().item(), expected.abs().max().item()
+        if diff > rtol * scale + 1e-8:
+            far[key] = (diff, scale)
+    assert far == {}
+    losses, _ = layouts["upward"][layout]
+    assert _close(losses, reference["losses"][4:6], 1e-5), (losses, reference["losses"])
 
 
 @pytest.mark.parallel

@@ -5,7 +5,6 @@ with sequence parallelism, DDP and the (distributed) optimizer; one 4-rank group
 pipeline schedule with tied embeddings (PP2 x TP2) and dist_checkpointing. Each group runs
 several configurations one after the other and the tests compare their numbers.
 """
-import importlib.util
 import logging
 
 import pytest
@@ -17,7 +16,6 @@ from distributed import run_distributed
 SEQ, MBS, HIDDEN, HEADS, VOCAB, LAYERS = 32, 2, 64, 4, 128, 2
 NUM_MB, STEPS, SEED = 2, 3, 1234
 RTOL = 1e-5
-HAVE_PSUTIL = importlib.util.find_spec("psutil") is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +225,7 @@ def _pipeline_group(rank, world_size, ckpt_dir):
 
     Megatron initialises each pipeline stage from the same seed, so a PP=2 model does not start
     from the PP=1 model's weights; the reference loads the PP2 x TP2 initial checkpoint
-    (resharded) instead, which needs dist_checkpointing (and psutil).
+    (resharded) instead, through dist_checkpointing.
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -242,27 +240,23 @@ def _pipeline_group(rank, world_size, ckpt_dir):
     ps.initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     model, opt = _trainable(tp=2, pp=2, sp=True, tied=True, overlap=True, distopt=False)
     gpt = model.module
-    if ckpt_dir is not None:
-        dist_checkpointing.save(gpt.sharded_state_dict(), f"{ckpt_dir}/init")
+    dist_checkpointing.save(gpt.sharded_state_dict(), f"{ckpt_dir}/init")
     out["pp_losses"], out["pp_grad_norms"], _ = _train(model, opt, data)
     out["is_embedding_stage"] = ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()
     out["tied_weight"] = gpt.shared_embedding_or_output_weight().detach().clone()
 
     # (d) dist_checkpointing: save, load into a fresh model built from another seed.
-    if ckpt_dir is not None:
-        trained = _params(gpt)
-        dist_checkpointing.save(gpt.sharded_state_dict(), f"{ckpt_dir}/trained")
-        fresh, _ = _gpt(tp=2, pp=2, sp=True, tied=True, seed=SEED + 1)
-        before = _params(fresh)
-        out["fresh_differs"] = any(not torch.equal(before[n], trained[n]) for n in trained)
-        sharded = fresh.sharded_state_dict()
-        fresh.load_state_dict(dist_checkpointing.load(sharded, f"{ckpt_dir}/trained"))
-        loaded = _params(fresh)
-        out["ckpt_names_match"] = sorted(loaded) == sorted(trained)
-        out["ckpt_max_diff"] = max((loaded[n] - trained[n]).abs().max().item() for n in trained)
+    trained = _params(gpt)
+    dist_checkpointing.save(gpt.sharded_state_dict(), f"{ckpt_dir}/trained")
+    fresh, _ = _gpt(tp=2, pp=2, sp=True, tied=True, seed=SEED + 1)
+    before = _params(fresh)
+    out["fresh_differs"] = any(not torch.equal(before[n], trained[n]) for n in trained)
+    sharded = fresh.sharded_state_dict()
+    fresh.load_state_dict(dist_checkpointing.load(sharded, f"{ckpt_dir}/trained"))
+    loaded = _params(fresh)
+    out["ckpt_names_match"] = sorted(loaded) == sorted(trained)
+    out["ckpt_max_diff"] = max((loaded[n] - trained[n]).abs().max().item() for n in trained)
     ps.destroy_model_parallel()
-    if ckpt_dir is None:
-        return out
 
     # Single-process reference: PP=1, TP=1 (DP=4, identical data), megatron's own local spec
     # and norm, started from the PP2 x TP2 initial weights.
@@ -293,12 +287,10 @@ def tp_dp_results():
 
 @pytest.fixture(scope="module")
 def pipeline_results(tmp_path_factory):
-    ckpt_dir = None
-    if HAVE_PSUTIL:
-        ckpt_dir = tmp_path_factory.mktemp("ckpt")
-        (ckpt_dir / "init").mkdir()
-        (ckpt_dir / "trained").mkdir()
-    return run_distributed(_pipeline_group, 4, ckpt_dir and str(ckpt_dir))
+    ckpt_dir = tmp_path_factory.mktemp("ckpt")  # dist_checkpointing needs psutil: a requirement
+    (ckpt_dir / "init").mkdir()
+    (ckpt_dir / "trained").mkdir()
+    return run_distributed(_pipeline_group, 4, str(ckpt_dir))
 
 
 def _close(a, b, rtol=RTOL):
@@ -380,8 +372,6 @@ def test_pipeline_tied_embeddings_match_single_process(pipeline_results):
         assert first["is_embedding_stage"] and last_stage["is_embedding_stage"]
         assert torch.equal(first["tied_weight"], last_stage["tied_weight"])
         assert first["tied_weight"].abs().sum() > 0
-    if not HAVE_PSUTIL:
-        pytest.skip("the reference starts from a dist checkpoint, which needs psutil")
     for r in last:
         for a, b in zip(r["pp_losses"], r["ref_losses"]):
             assert _close(a, b), (r["pp_losses"], r["ref_losses"])
@@ -390,7 +380,6 @@ def test_pipeline_tied_embeddings_match_single_process(pipeline_results):
             assert _close(a, b), (r["pp_grad_norms"], r["ref_grad_norms"])
 
 
-@pytest.mark.skipif(not HAVE_PSUTIL, reason="megatron dist_checkpointing save needs psutil")
 def test_dist_checkpoint_roundtrip(pipeline_results):
     for r in pipeline_results:
         assert r["fresh_differs"]

@@ -1,6 +1,7 @@
 """Data: byte tokenizer, `preprocess` into Megatron indexed datasets, GPTDataset batches,
 the embedded corpus, and the DP split of a global batch."""
 import json
+import sys
 
 import pytest
 import torch
@@ -26,20 +27,24 @@ def test_byte_tokenizer_round_trip():
 
 
 def test_hugging_face_tokenizer_file(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     path = str(tmp_path / "tokenizer.json")
-    try:
-        from tokenizers import Tokenizer, models, pre_tokenizers
-    except ImportError:  # optional: a clear message names the package
-        with pytest.raises(ImportError, match="pip install tokenizers"):
-            build_tokenizer(path)
-        return
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, "hello": 2, "world": 3}
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "</s>": 3, "<|endoftext|>": 4}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(path)
     loaded = build_tokenizer(path)
-    assert loaded.vocab_size == 4 and loaded.eod == 0
-    assert loaded.tokenize("hello world") == [2, 3]
+    assert loaded.vocab_size == 5
+    assert loaded.eod == 4  # "<|endoftext|>" is preferred to "</s>" (not the lowest id)
+    assert loaded.tokenize("hello world moon") == [1, 2, 0]
+    assert loaded.detokenize([2, 1]) == "world hello"
+
+
+def test_hugging_face_tokenizer_without_the_package_names_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` now fails
+    with pytest.raises(ImportError, match="pip install tokenizers"):
+        build_tokenizer(str(tmp_path / "tokenizer.json"))
 
 
 @pytest.fixture

@@ -16,42 +16,50 @@ def _batch(case):
 
 
 def _non_finite_gate_grad(rank, world_size, case):
+    """Make one gate gradient infinite on rank 0 only (a partial-sum gate, then a complete one)
+    and call reduce_gate_grads on every rank: (error type, message) per gate, on this rank."""
     from megatron.core import parallel_state
 
     from megatron_wesar.grads import reduce_gate_grads
-    from megatron_wesar.layers import NonFiniteGateError
 
     model = build_case_model(case)
     inputs, positions, labels = _batch(case)
     model(inputs, positions, None, labels=labels).float().mean().backward()
     reduce_gate_grads([model])  # finite: no error
-    partial = [n for n, p in model.named_parameters() if getattr(p, "tp_partial_grad", False)]
-    complete = [n for n, p in model.named_parameters()
-                if getattr(p, "wesar_gate", False) and not p.tp_partial_grad]
-    messages = {}
-    for name in (partial[0], complete[0]):
+    gates = dict(model.named_gates)
+    partial = next(n for n, p in gates.items() if p.tp_partial_grad)
+    complete = next(n for n, p in gates.items() if not p.tp_partial_grad)
+    outcome = {}
+    for name in (partial, complete):
         model.zero_grad()
         model(inputs, positions, None, labels=labels).float().mean().backward()
-        param = dict(model.named_parameters())[name]
         if rank == 0:
-            param.grad.fill_(float("inf"))
+            gates[name].grad.fill_(float("inf"))
         try:
             reduce_gate_grads([model])
-        except NonFiniteGateError as err:
-            messages[name] = str(err)
+            outcome[name] = None
+        except Exception as err:  # noqa: BLE001 - the type is what the test checks
+            outcome[name] = (type(err).__name__, str(err))
+    check = torch.full((1,), float(rank + 1))
+    torch.distributed.all_reduce(check)  # the ranks are still in step
     parallel_state.destroy_model_parallel()
-    return messages, partial[0], complete[0]
+    return outcome, partial, complete, check.item()
 
 
-def test_non_finite_gate_gradient_raises_naming_the_gate():
-    case = Case(tp=2, sp=True)
-    results = run_distributed(_non_finite_gate_grad, 2, case)
-    messages, partial, complete = results[0]
-    # partial-sum gates: the inf of rank 0 reaches every rank through the fused all-reduce
-    for rank_messages, _, _ in results:
-        assert partial in rank_messages and partial in rank_messages[partial]
-    # a complete gate is checked locally, where it went non-finite
-    assert complete in messages and "non-finite gradient" in messages[complete]
+def test_non_finite_gate_gradient_on_one_rank_raises_on_every_rank():
+    results = run_distributed(_non_finite_gate_grad, 2, Case(tp=2, sp=True))
+    for rank, (outcome, partial, complete, check) in enumerate(results):
+        assert check == 3.0
+        for name in (partial, complete):
+            assert outcome[name] is not None, (rank, name)
+            kind, message = outcome[name]
+            assert kind == "NonFiniteGateError", (rank, name, kind, message)
+            assert "non-finite gradient" in message
+        # the partial sum carries rank 0's inf to every rank: both name the gate
+        assert partial in outcome[partial][1]
+        # a complete gate is inf on rank 0 only; its flag rides in the same collective
+        expected = complete if rank == 0 else "on another tensor-parallel rank"
+        assert expected in outcome[complete][1], (rank, outcome[complete][1])
 
 
 def _stock_finalize_with_deferred_gates(rank, world_size, case):

@@ -223,12 +223,12 @@ def _tp2_rank(rank, world_size, case):
         lm_forward_step,
         train_step,
     )
-    from oracle_harness import _gpt_kwargs, _microbatches, _wesar_config, transformer_config
+    from oracle_harness import _gpt_kwargs, _microbatches, transformer_config, wesar_config
 
     fake = _fake_run(rank, world_size)  # replicated and sharded weights on the world group
     initialize_parallel(case.tp, case.pp, case.seed)
     engine = build_engine(
-        transformer_config(case), _wesar_config(case), case.vocab_size, case.seq_len,
+        transformer_config(case), wesar_config(case), case.vocab_size, case.seq_len,
         OptimizerConfig(optimizer="adam", lr=case.lr, weight_decay=case.weight_decay),
         **_gpt_kwargs(case),
     )

@@ -159,7 +159,8 @@ def test_report_renders_from_the_fixture(study_dir, capsys):
     assert ("loss/relmin flagged 1 of 360 steps (0.3%) in 1 of 9 runs: he at LR 1e-2 seed 1 "
             "(steps 25)") in report and "No training loss spikes" not in report
     assert "Rules megatron, zscore flagged none of its steps" in report
-    assert "scaled-embed" in report
+    # the paper's embedding-side baselines are not run: the report says so, it does not pretend
+    assert "- `scaled-embed`: skipped (not implemented in the driver)." in report
     for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png"):
         path = os.path.join(study_dir, name)
         assert f"]({name})" in report
@@ -233,6 +234,20 @@ def _study(rank, world_size, out_dir):
     return lines, again
 
 
+def _spread_from_metrics(out_dir, run):
+    """Mean over the logged steps of max / min over roles of the per-role mean update ratio,
+    recomputed from the run's metrics file."""
+    name = f"{run['method']}_lr{format_lr(run['lr'])}_s{run['seed']}"
+    spreads = []
+    for line in open(os.path.join(out_dir, "runs", name, "metrics.jsonl")):
+        record = json.loads(line)
+        means = [v for k, v in record.items() if k.startswith("update_ratio_mean/")]
+        if means:
+            spreads.append(max(means) / min(means))
+    assert len(spreads) == 2  # logged at iterations 3 and 6
+    return sum(spreads) / len(spreads)
+
+
 def _metrics_files(out_dir):
     runs = os.path.join(out_dir, "runs")
     return sorted(os.path.join(runs, n, "metrics.jsonl") for n in os.listdir(runs))
@@ -253,7 +268,7 @@ def test_small_study_end_to_end(tmp_path):
         assert run["steps"] == 6
         assert math.isfinite(run["final_train_loss"]) and math.isfinite(run["final_valid_loss"])
         assert [i for i, _ in run["valid_curve"]] == [3, 6]
-        assert run["update_ratio_spread"] is not None and run["update_ratio_spread"] >= 1.0
+        assert run["update_ratio_spread"] == pytest.approx(_spread_from_metrics(out_dir, run))
         assert set(run["spikes"]) == {"loss", "grad_norm"}
         assert (run["gate_count"] > 0) is (run["method"] == "wesar")
     assert set(summary["methods"]) == {"he", "wesar"}

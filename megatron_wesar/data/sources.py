@@ -105,8 +105,9 @@ class IndexedDatasets:
             create_attention_mask=False,
             path_to_cache=cache_dir,
         )
+        # the test split is never read: size 0 (megatron refuses None with blend weights)
         builder = BlendedMegatronDatasetBuilder(
-            GPTDataset, [train_samples, valid_samples, None], lambda: True, config
+            GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
         )
         # rank 0 builds (and caches) the sample indices first, the others then read them
         rank = dist.get_rank() if dist.is_initialized() else 0

@@ -1,0 +1,184 @@
+"""`megatron-wesar pretrain` arguments: flags to configs, the presets, and the example launch
+scripts (every one must parse and fit the world it launches)."""
+import argparse
+import math
+import pathlib
+import shlex
+import string
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_wesar.training.arguments import parse_pretrain_args
+from megatron_wesar.training.pretrain import (
+    optimizer_config_from_args,
+    transformer_config_from_args,
+    wesar_config_from_args,
+)
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+CONFIGS = {
+    "wesar": wesar_config_from_args,
+    "transformer": transformer_config_from_args,
+    "optimizer": optimizer_config_from_args,
+}
+
+# (flags, config, field, value without the flags, value with them)
+FLAG_MAPPING = [
+    (["--init-method", "small"], "wesar", "backbone", "he", "small"),
+    (["--init-method", "megatron"], "wesar", "backbone", "he", "megatron"),
+    (["--wesar-sigma", "1e-3"], "wesar", "sigma", math.sqrt(4e-5), 1e-3),
+    (["--no-wesar"], "wesar", "enabled", True, False),
+    (["--wesar-no-embedding-gate"], "wesar", "gate_embedding", True, False),
+    (["--wesar-gate-lr-mult", "0.1"], "wesar", "gate_lr_mult", 1.0, 0.1),
+    (["--init-method-std", "0.01"], "wesar", "init_method_std", 0.02, 0.01),
+    (["--init-method-std", "0.01"], "transformer", "init_method_std", 0.02, 0.01),
+    (["--swiglu"], "transformer", "gated_linear_unit", False, True),
+    (["--swiglu"], "transformer", "activation_func", F.gelu, F.silu),
+    (["--normalization", "RMSNorm"], "transformer", "normalization", "LayerNorm", "RMSNorm"),
+    (["--bf16"], "transformer", "params_dtype", torch.float32, torch.bfloat16),
+    (["--bf16"], "transformer", "bf16", False, True),
+    (["--bf16"], "optimizer", "params_dtype", torch.float32, torch.bfloat16),
+    (["--bf16"], "optimizer", "bf16", False, True),
+    (["--tensor-model-parallel-size", "2"], "transformer", "tensor_model_parallel_size", 1, 2),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel"], "transformer",
+     "sequence_parallel", False, True),
+    (["--pipeline-model-parallel-size", "2"], "transformer", "pipeline_model_parallel_size",
+     1, 2),
+    (["--clip-grad", "0.5"], "optimizer", "clip_grad", 1.0, 0.5),
+    (["--adam-beta1", "0.8"], "optimizer", "adam_beta1", 0.9, 0.8),
+    (["--adam-beta2", "0.999"], "optimizer", "adam_beta2", 0.95, 0.999),
+    (["--adam-eps", "1e-6"], "optimizer", "adam_eps", 1e-8, 1e-6),
+    (["--weight-decay", "0.01"], "optimizer", "weight_decay", 0.1, 0.01),
+    (["--lr", "3e-4"], "optimizer", "lr", 1e-3, 3e-4),
+    (["--min-lr", "1e-5"], "optimizer", "min_lr", 0.1 * 1e-3, 1e-5),
+    (["--use-distributed-optimizer"], "optimizer", "use_distributed_optimizer", False, True),
+]
+
+
+@pytest.mark.parametrize("flags, config, field, default, value", FLAG_MAPPING,
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_flag_sets_its_config_field(flags, config, field, default, value):
+    build = CONFIGS[config]
+    assert getattr(build(parse_pretrain_args([])), field) == default
+    assert getattr(build(parse_pretrain_args(flags)), field) == value
+
+
+def test_flags_without_a_config_field_reach_the_arguments():
+    defaults = parse_pretrain_args([])
+    assert not defaults.untie_embeddings_and_output_weights
+    assert defaults.position_embedding_type == "learned_absolute"
+    args = parse_pretrain_args(["--untie-embeddings-and-output-weights",
+                                "--position-embedding-type", "rope", "--seed", "7",
+                                "--data-path", "0.3", "a", "0.7", "b", "--tokenizer-file",
+                                "tok.json", "--tensorboard-dir", "tb"])
+    assert args.untie_embeddings_and_output_weights
+    assert args.position_embedding_type == "rope" and args.seed == 7
+    assert args.data_path == ["0.3", "a", "0.7", "b"]
+    assert args.tokenizer_file == "tok.json" and args.tensorboard_dir == "tb"
+
+
+# Depth and width of GPT-3 Small / XL / 13B (Brown et al. 2020), d_ff = 4 d, heads of 64 / 128 / 128
+# dims, 512 sequences of 2048 tokens per step.
+# preset: (num_layers, hidden, heads, ffn, seq, micro batch, global batch, head dim)
+PRESET_TABLE = {
+    "130m": (12, 768, 12, 3072, 2048, 4, 512, 64),
+    "1.3b": (24, 2048, 16, 8192, 2048, 2, 512, 128),
+    "13b": (40, 5120, 40, 20480, 2048, 1, 512, 128),
+}
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                "seq_length", "micro_batch_size", "global_batch_size")
+
+
+@pytest.mark.parametrize("preset", list(PRESET_TABLE))
+def test_preset_shapes_and_derived_defaults(preset):
+    *shape, head_dim = PRESET_TABLE[preset]
+    args = parse_pretrain_args(["--preset", preset])
+    assert tuple(getattr(args, name) for name in SHAPE_FIELDS) == tuple(shape)
+    assert args.train_iters == 20000 and args.lr == 1e-3
+    assert math.isclose(args.min_lr, 1e-4) and args.lr_warmup_iters == 1000
+    config = transformer_config_from_args(args)
+    assert (config.num_layers, config.hidden_size, config.num_attention_heads,
+            config.ffn_hidden_size) == tuple(shape[:4])
+    assert config.kv_channels == head_dim
+    # an explicit flag beats the preset; the derived defaults follow the values actually used
+    args = parse_pretrain_args(["--preset", preset, "--num-layers", "2", "--lr", "2e-3",
+                                "--train-iters", "100"])
+    assert args.num_layers == 2 and args.hidden_size == shape[1]
+    assert math.isclose(args.min_lr, 2e-4) and args.lr_warmup_iters == 5
+
+
+def test_explicit_schedule_flags_beat_the_derived_defaults():
+    args = parse_pretrain_args(["--lr", "2e-3", "--min-lr", "0", "--lr-warmup-iters", "0"])
+    assert args.min_lr == 0.0 and args.lr_warmup_iters == 0
+    assert parse_pretrain_args(["--train-iters", "10"]).lr_warmup_iters == 1  # at least one
+
+
+# Values the example scripts' shell variables get; NNODES is the multi-node scripts' node count.
+SCRIPT_ENV = {"DATA": "data/corpus", "NNODES": "4", "NODE_RANK": "0", "MASTER_ADDR": "node0"}
+
+
+def launch_command(script: pathlib.Path) -> tuple[list[str], list[str]]:
+    """The (torchrun arguments, `megatron_wesar pretrain` arguments) of a launch script."""
+    text = script.read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines()
+             if "megatron_wesar pretrain" in line and not line.lstrip().startswith("#")]
+    assert len(lines) == 1, f"{script.name}: expected one `megatron_wesar pretrain` command"
+    tokens = [string.Template(token).substitute(SCRIPT_ENV)
+              for token in shlex.split(lines[0], comments=True) if token != "$@"]
+    assert tokens[0] == "torchrun", script.name
+    start = tokens.index("megatron_wesar")
+    assert tokens[start - 1] == "-m" and tokens[start + 1] == "pretrain", script.name
+    return tokens[1:start - 1], tokens[start + 2:]
+
+
+def torchrun_world_size(torchrun_args: list[str]) -> int:
+    """Nodes x processes per node of a torchrun command line."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--nproc-per-node", type=int, required=True)
+    known, _ = parser.parse_known_args(torchrun_args)
+    return known.nnodes * known.nproc_per_node
+
+
+def check_launch_script(script: pathlib.Path):
+    """Parse a launch script's pretrain arguments and check them against the world it launches."""
+    torchrun_args, argv = launch_command(script)
+    args = parse_pretrain_args(argv)
+    world = torchrun_world_size(torchrun_args)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    assert args.data_parallel_size(world) * tp * pp == world
+    for size in (args.num_attention_heads, args.hidden_size, args.ffn_hidden_size):
+        assert size % tp == 0, (script.name, size, tp)
+    transformer_config_from_args(args)  # a valid megatron-core config
+
+
+EXAMPLE_SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS)
+def test_example_script_arguments_fit_the_world_it_launches(script):
+    check_launch_script(EXAMPLES / script)
+
+
+def test_every_example_is_a_tested_launch_script():
+    files = {str(p.relative_to(EXAMPLES)) for p in EXAMPLES.rglob("*") if p.is_file()}
+    assert files == set(EXAMPLE_SCRIPTS)
+    assert {"pretrain_130m.sh", "pretrain_1.3b_multinode.sh", "pretrain_13b_multinode.sh",
+            "pretrain_tiny_cpu.sh"} <= files
+
+
+@pytest.mark.parametrize("script, old, new, error", [
+    ("pretrain_13b_multinode.sh", "--bf16", "--fp8-format hybrid", SystemExit),
+    ("pretrain_13b_multinode.sh", "--nproc-per-node 8", "--nproc-per-node 6", ValueError),
+    ("pretrain_13b_multinode.sh", '"$DATA"', '"$CORPUS"', KeyError),
+    ("pretrain_130m.sh", "--lr 1e-3", "--lr 1e-3 --tensor-model-parallel-size 8", AssertionError),
+    ("pretrain_tiny_cpu.sh", "-m megatron_wesar", "-m megatron_wesar.cli", AssertionError),
+])
+def test_a_drifted_launch_script_fails_the_check(tmp_path, script, old, new, error):
+    text = (EXAMPLES / script).read_text()
+    assert old in text
+    (tmp_path / script).write_text(text.replace(old, new))
+    with pytest.raises(error):
+        check_launch_script(tmp_path / script)
