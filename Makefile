@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.megatron_wesar-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
+
+# the tests that spawn no process group (markers `parallel` and `oracle` deselected): < 1 minute
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -q -m "not parallel and not oracle" tests
+
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info megatron_wesar/_C*.so

@@ -7,8 +7,16 @@ kernels when torch is a CUDA build and the CUDA toolkit is found.
 import os
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pip's build isolation hides the installed torch
+    raise SystemExit(
+        "megatron_wesar compiles its C++ extension against the torch you train with, so torch "
+        "must be importable at build time: install torch first, then build without isolation: "
+        "`pip install --no-build-isolation .` (or `make install`)."
+    ) from exc
 
 CSRC = "csrc"
 

@@ -26,6 +26,9 @@ def _entry(rank, port, fn, args, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE))
     torch.set_num_threads(1)
+    from megatron_wesar.compat import enable_cpu_compat
+
+    enable_cpu_compat()  # megatron-core on CPU (no-op where CUDA is present)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
         results.put((rank, True, fn(rank, *args)))

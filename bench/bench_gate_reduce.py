@@ -40,9 +40,8 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors  # what Megatron uses
-
 from _common import STATS_HEADER, count_calls, format_spread, max_over_ranks, run_two_ranks
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors  # what Megatron uses
 
 GATE_COUNTS = (18, 50, 98, 162)
 HEADLINE_COUNT = 162

@@ -29,7 +29,6 @@ import time
 from dataclasses import replace
 
 import torch.distributed as dist
-
 from _common import (
     STATS_HEADER,
     count_calls,

@@ -1,4 +1,4 @@
-// Fused all-reduce of WeSaR gate gradients (DESIGN.md section 3).
+// Fused all-reduce of WeSaR gate gradients (docs/design.md section 3).
 //
 // Every gate gradient is a tiny tensor (usually shape (1,)). Instead of one collective per gate,
 // all of them are packed into one fp32 buffer, summed with a single c10d all-reduce and unpacked

@@ -39,7 +39,8 @@ class WeSaRConfig:
     defer_gate_grad_reduction: bool = True
 
     def __post_init__(self):
-        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
+        sigma = self.sigma
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"WeSaRConfig.sigma must be a finite number > 0, got {self.sigma!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(

@@ -1,10 +1,10 @@
-"""One-collective all-reduce of WeSaR gate gradients (DESIGN.md section 3).
+"""One-collective all-reduce of WeSaR gate gradients (docs/design.md section 3).
 
 Every partial-sum gate gradient is a tiny tensor (usually shape (1,)). `allreduce_gate_grads`
-packs all of them into one fp32 buffer (fp64 when any gradient is fp64), sums it with a single all-reduce and writes the result
-back in place, reporting whether any reduced value is non-finite. The C++ extension
-`megatron_wesar._C` (csrc/) does this in one call; when it is not built, a pure-PyTorch path
-with bitwise-identical results is used instead, after one warning.
+packs all of them into one fp32 buffer (fp64 when any gradient is fp64), sums it with a single
+all-reduce and writes the result back in place, reporting whether any reduced value is
+non-finite. The C++ extension `megatron_wesar._C` (csrc/) does this in one call; when it is not
+built, a pure-PyTorch path with bitwise-identical results is used instead, after one warning.
 """
 from __future__ import annotations
 

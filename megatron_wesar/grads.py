@@ -2,7 +2,7 @@
 
 Set it as `config.finalize_model_grads_func`. It does Megatron's own work (data-parallel sync,
 sequence-parallel norm grads, tied-embedding grads over the pipeline, token scaling) and then the
-WeSaR gate reduction of DESIGN section 3:
+WeSaR gate reduction of docs/design.md section 3:
 
 - every gate whose local gradient is a TP partial sum (`gate.tp_partial_grad`) is summed over its
   tensor-parallel group, all of them in ONE collective (megatron_wesar.gate_reduce);

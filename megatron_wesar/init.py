@@ -1,4 +1,4 @@
-"""Per-matrix init scales (DESIGN section 1) and the gate initial values derived from them."""
+"""Per-matrix init scales (docs/design.md section 1) and the gate initial values they give."""
 from __future__ import annotations
 
 import math
@@ -25,7 +25,7 @@ class ModelShape:
 
 
 def sigma_role(role: str, shape: ModelShape, wesar: WeSaRConfig) -> float:
-    """The std the backbone init gives the matrix of `role` (DESIGN section 1 table)."""
+    """The std the backbone init gives the matrix of `role` (docs/design.md section 1 table)."""
     if role not in ROLES:
         raise ValueError(f"unknown matrix role {role!r}; expected one of {ROLES}")
     d, n, d_ff = shape.hidden_size, shape.num_layers, shape.ffn_hidden_size

@@ -2,7 +2,7 @@
 
 W_bar stays each layer's `weight`, sharded exactly as megatron-core shards it; the GEMMs and
 gradient-accumulation fusion are untouched, because the gate multiplies an activation next to the
-linear (DESIGN section 2), not the weight:
+linear (docs/design.md section 2), not the weight:
 
     layer             scaled activation                 local gate gradient
     column-parallel   input (replicated, or SP-sharded)  complete; TP partial sum under SP
@@ -29,7 +29,9 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from megatron.core.tensor_parallel.layers import set_defaults_if_not_set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.layers import (
+    set_defaults_if_not_set_tensor_model_parallel_attributes,
+)
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.utils import (
     get_pg_size,

@@ -246,7 +246,8 @@ def gated_matrices(model) -> list[Matrix]:
             weight = getattr(module, "weight", None)
             if weight is None:
                 weight = root.shared_embedding_or_output_weight()
-            name = _LAYER.sub(lambda m: f"decoder.layers.{global_index[m.group(1)]}.", name)
+            name = _LAYER.sub(lambda m: f"decoder.layers.{global_index[m.group(1)]}.",  # noqa: B023
+                              name)
             sharded = bool(getattr(weight, "tensor_model_parallel", False))
             out.append(Matrix(name, module.role, weight, module.gate, sharded))
     return out

@@ -3,12 +3,13 @@
 `get_wesar_layer_spec` returns megatron-core's TransformerLayer spec with the four linear layers
 replaced by gated ones. `WeSaRGPTModel` is megatron-core's GPTModel whose word embedding and
 output layer are gated too; with tied embeddings the two share W_bar and each keeps its own gate
-(DESIGN section 3). `build_gpt_model` validates the parallel shapes and builds it.
+(docs/design.md section 3). `build_gpt_model` validates the parallel shapes and builds it.
 """
 from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -27,7 +28,6 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 from megatron.core.utils import get_pg_rank
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from .config import WeSaRConfig
 from .init import ModelShape, sigma_role
@@ -177,7 +177,8 @@ class WeSaRGPTModel(GPTModel):
         return super().forward(*args, **kwargs)
 
 
-def validate_parallel_shapes(config, tp_size: int | None = None, vocab_size: int | None = None) -> None:
+def validate_parallel_shapes(config, tp_size: int | None = None,
+                             vocab_size: int | None = None) -> None:
     """Raise ValueError when the model's sizes cannot be split over the tensor-parallel group."""
     if tp_size is None:
         tp_size = parallel_state.get_tensor_model_parallel_world_size()

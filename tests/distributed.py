@@ -18,6 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Set by conftest.py for each test: only tests marked `parallel` or `oracle` may spawn process
+# groups, so that `make test-fast` (which deselects them) really runs no multi-process test.
+spawn_allowed = True
+
 
 def free_port() -> int:
     """Return a TCP port on localhost that is free right now."""
@@ -43,6 +47,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     )
     torch.set_num_threads(1)
     try:
+        from megatron_wesar.compat import enable_cpu_compat
+
+        enable_cpu_compat()  # what the megatron-wesar entry points do (no-op with CUDA)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         queue.put((rank, True, _to_bytes(result)))
@@ -55,6 +62,8 @@ def _worker(rank, world_size, port, fn, args, queue):
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
     """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return per-rank results."""
+    if not spawn_allowed:
+        raise RuntimeError("this test spawns process groups: mark it @pytest.mark.parallel")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

@@ -57,7 +57,8 @@ def _split_fused(model, canon: str, tensor: torch.Tensor) -> dict:
     config = model.config
     leaf = canon.rsplit(".", 1)[1]
     if ".qkv." in canon and leaf in ("weight", "bias"):
-        heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+        heads = config.num_attention_heads
+        groups = config.num_query_groups or heads
         hn = config.kv_channels
         per_group = heads // groups
         rows = tensor.view(-1, (per_group + 2) * hn, *tensor.shape[1:])

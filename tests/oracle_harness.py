@@ -13,7 +13,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-
 from gather import distributed_optimizer_owned, gather_canonical
 from reference import ReferenceArch, ReferenceGPT, reference_adamw
 

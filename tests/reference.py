@@ -1,6 +1,6 @@
 """An independent dense reference decoder in plain PyTorch (no megatron imports).
 
-The oracle of DESIGN section 4: a single-process pre-LN GPT with the WeSaR math written out
+The oracle of docs/design.md section 4: a single-process pre-LN GPT with the WeSaR math written out
 directly, W_eff = gate * W_bar for every gated matrix. It loads a flat state dict in its own
 canonical layout (separate q/k/v and gate/up weights, one gate per fused matrix), which the tests
 build by gathering the shards of the megatron-core model.
@@ -202,7 +202,9 @@ class ReferenceGPT(torch.nn.Module):
         return {k: v.detach().clone() for k, v in out.items()}
 
     def forward(self, tokens, labels):
-        table = self.embedding if self.embedding_gate is None else self.embedding_gate * self.embedding
+        table = self.embedding
+        if self.embedding_gate is not None:
+            table = self.embedding_gate * table
         x = F.embedding(tokens, table)
         if self.position is not None:
             x = x + self.position[: tokens.shape[1]]
@@ -221,7 +223,8 @@ def reference_adamw(model: torch.nn.Module, lr, betas, eps, weight_decay):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
         lr=lr,
         betas=betas,
         eps=eps,

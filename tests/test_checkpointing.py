@@ -24,7 +24,6 @@ import signal
 import time
 
 import pytest
-
 from distributed import run_distributed
 
 TINY = [
@@ -320,6 +319,9 @@ def _blocked_save(argv, phase, marker):
     from megatron_wesar.training.arguments import parse_pretrain_args
 
     torch.set_num_threads(1)  # as in tests/distributed.py: the same arithmetic as the reference
+    from megatron_wesar.compat import enable_cpu_compat
+
+    enable_cpu_compat()
     losses = []
     real_step = driver.train_step
 

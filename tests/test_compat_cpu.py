@@ -10,7 +10,6 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-
 from distributed import run_distributed
 
 SEQ, MBS, HIDDEN, HEADS, VOCAB, LAYERS = 32, 2, 64, 4, 128, 2
@@ -297,6 +296,7 @@ def _close(a, b, rtol=RTOL):
     return abs(a - b) <= rtol * max(abs(a), abs(b))
 
 
+@pytest.mark.parallel
 def test_tp2_sequence_parallel_training_matches_tp1(tp_dp_results):
     r0, r1 = tp_dp_results
     assert r0["sp_marks"] == [True, True]
@@ -320,12 +320,14 @@ def test_tp2_sequence_parallel_training_matches_tp1(tp_dp_results):
         assert torch.equal(norms0[name], norms1[name]), name
 
 
+@pytest.mark.parallel
 def test_loss_decreases_on_repeated_batch(tp_dp_results):
     """The full TP=2/SP step actually trains: repeating one batch makes its loss go down."""
     losses = tp_dp_results[0]["repeat"]
     assert losses[0] > losses[1] > losses[2], losses
 
 
+@pytest.mark.parallel
 def test_distributed_optimizer_matches_plain_optimizer(tp_dp_results):
     for rank, result in enumerate(tp_dp_results):
         assert result["dp_dist_class"] == ["DistributedOptimizer"]
@@ -343,6 +345,7 @@ def test_distributed_optimizer_matches_plain_optimizer(tp_dp_results):
         assert torch.equal(p0[n], p1[n]), n
 
 
+@pytest.mark.parallel
 def test_bf16_mixed_precision_optimizers(tp_dp_results):
     for result in tp_dp_results:
         assert result["dp_bf16_class"] == ["Float16OptimizerWithFloat16Params"]
@@ -360,6 +363,7 @@ def test_bf16_mixed_precision_optimizers(tp_dp_results):
             torch.testing.assert_close(p, plain_params[n], rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parallel
 def test_pipeline_tied_embeddings_match_single_process(pipeline_results):
     last = [r for r in pipeline_results if r["pp_losses"][0] is not None]
     assert len(last) == 2  # the two TP ranks of the last stage
@@ -380,6 +384,7 @@ def test_pipeline_tied_embeddings_match_single_process(pipeline_results):
             assert _close(a, b), (r["pp_grad_norms"], r["ref_grad_norms"])
 
 
+@pytest.mark.parallel
 def test_dist_checkpoint_roundtrip(pipeline_results):
     for r in pipeline_results:
         assert r["fresh_differs"]
@@ -409,6 +414,27 @@ def compat_off():
 def _snapshot(cpu):
     targets = [(owner, name) for owner, name, _new, _why in cpu._patches()]
     return {(id(owner), name): vars(owner)[name] for owner, name in targets}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only machine says")
+def test_initialize_parallel_needs_the_layer_enabled_explicitly(compat_off):
+    from megatron_wesar.training.engine import initialize_parallel
+
+    with pytest.raises(RuntimeError, match=r"megatron_wesar.compat.enable_cpu_compat\(\)"):
+        initialize_parallel(1, 1, seed=0)
+
+
+def test_importing_the_library_patches_nothing():
+    """Only entry points (and an explicit call) enable the layer: a fresh process that imports
+    and builds configs with the library keeps torch.cuda and megatron-core untouched."""
+    import subprocess
+    import sys
+
+    code = ("import torch, megatron_wesar.training.pretrain, megatron_wesar.study.runner\n"
+            "from megatron_wesar.compat import cpu_compat_active\n"
+            "original = torch.cuda.current_device\n"
+            "assert not cpu_compat_active() and torch.cuda.current_device is original\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_inactive_when_cuda_available(compat_off, monkeypatch):

@@ -1,4 +1,4 @@
-"""WeSaRConfig validation and the per-role init scales of DESIGN section 1."""
+"""WeSaRConfig validation and the per-role init scales of docs/design.md section 1."""
 import math
 
 import pytest

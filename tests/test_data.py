@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megatron_wesar.data.corpus import BLOCK_BYTES, HELD_OUT_EVERY, split_tokens
-from megatron_wesar.data.preprocess import iter_documents, main as preprocess_main, preprocess
+from megatron_wesar.data.preprocess import iter_documents, preprocess
+from megatron_wesar.data.preprocess import main as preprocess_main
 from megatron_wesar.data.sources import (
     EmbeddedCorpus,
     IndexedDatasets,

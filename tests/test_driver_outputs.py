@@ -10,8 +10,8 @@ import traceback
 
 import pytest
 import torch
-
 from distributed import run_distributed
+
 from megatron_wesar.training.arguments import parse_pretrain_args
 
 SMALL = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",

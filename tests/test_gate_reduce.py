@@ -1,4 +1,5 @@
-"""Fused gate-gradient all-reduce: the C++ extension vs the pure-PyTorch fallback, on real gloo ranks."""
+"""Fused gate-gradient all-reduce: the C++ extension vs the pure-PyTorch fallback, on real gloo
+ranks."""
 from __future__ import annotations
 
 import warnings
@@ -6,8 +7,8 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
+
 from megatron_wesar import gate_reduce
 
 _INT_VIEW = {
@@ -105,10 +106,11 @@ def _nonfinite_worker(rank, world_size, use_extension):
             grads[3].fill_(value)
         flags[case] = reduce(grads, group)
     # Finite on every rank, overflows only when cast back to fp16 / out of fp32 range.
-    flags["fp16_overflow"] = reduce([torch.ones(1), torch.full((1,), 60000.0, dtype=torch.float16)], group)
+    fp16_big = torch.full((1,), 60000.0, dtype=torch.float16)
+    flags["fp16_overflow"] = reduce([torch.ones(1), fp16_big], group)
     flags["fp32_out_of_range_sum"] = reduce([torch.full((1,), 3e38), torch.ones(1)], group)
     # fp64 gradients are summed in fp64: 1e300 stays finite, 1 + 1e-12 is not rounded to fp32
-    fp64 = [torch.full((1,), 1e300, dtype=torch.float64), torch.full((1,), 0.5 + 1e-12, dtype=torch.float64)]
+    fp64 = [torch.full((1,), value, dtype=torch.float64) for value in (1e300, 0.5 + 1e-12)]
     flags["fp64_large"] = reduce(fp64, group)
     flags["fp64_exact"] = fp64[1].item() == 2 * (0.5 + 1e-12)
     return flags
@@ -124,7 +126,8 @@ def _empty_worker(rank, world_size):
             [torch.empty(0), torch.empty(0, 3)], dist.group.WORLD
         )
         results["torch_empty"] = gate_reduce._allreduce_gate_grads_torch([], None)
-        results["torch_zero_numel"] = gate_reduce._allreduce_gate_grads_torch([torch.empty(0)], None)
+        results["torch_zero_numel"] = gate_reduce._allreduce_gate_grads_torch(
+            [torch.empty(0)], None)
         results["public_empty"] = gate_reduce.allreduce_gate_grads([])
     check = torch.full((1,), float(rank + 1))
     dist.all_reduce(check)
@@ -180,11 +183,13 @@ def test_extension_is_built_and_used():
     assert callable(extension.allreduce_gate_grads)
 
 
+@pytest.mark.parallel
 def test_extension_matches_fallback_bitwise():
     results = run_distributed(_compare_worker, 2)
     for rank_results in results:
         for name, (ext_flag, ext, ref_flag, ref) in rank_results.items():
-            expected = _expected([_make_grads(r, seed=1, fp64=name.endswith("fp64")) for r in range(2)])
+            fp64 = name.endswith("fp64")
+            expected = _expected([_make_grads(r, seed=1, fp64=fp64) for r in range(2)])
             assert ext_flag is False and ref_flag is False, name
             assert len(ext) == len(ref) == len(expected)
             for i, (a, b, want) in enumerate(zip(ext, ref, expected)):
@@ -200,6 +205,7 @@ def test_extension_matches_fallback_bitwise():
 @pytest.mark.parametrize(
     "use_extension", [True, False], ids=["extension", "torch"]
 )
+@pytest.mark.parallel
 def test_subgroup_of_three_ranks(use_extension):
     results = run_distributed(_subgroup_worker, 3, use_extension)
     for rank in (0, 2):
@@ -215,6 +221,7 @@ def test_subgroup_of_three_ranks(use_extension):
 @pytest.mark.parametrize(
     "use_extension", [True, False], ids=["extension", "torch"]
 )
+@pytest.mark.parallel
 def test_nonfinite_detected_on_every_rank(use_extension):
     results = run_distributed(_nonfinite_worker, 2, use_extension)
     for flags in results:
@@ -230,6 +237,7 @@ def test_nonfinite_detected_on_every_rank(use_extension):
         }
 
 
+@pytest.mark.parallel
 def test_empty_list_runs_no_collective():
     results = run_distributed(_empty_worker, 2)
     assert results[0] == {
@@ -251,6 +259,7 @@ def test_empty_list_without_process_group():
         assert gate_reduce.allreduce_gate_grads([]) is False
 
 
+@pytest.mark.parallel
 def test_fallback_warns_once():
     results = run_distributed(_fallback_warns_worker, 2)
     for messages, values, available in results:
@@ -264,6 +273,7 @@ def test_fallback_warns_once():
 @pytest.mark.parametrize(
     "use_extension", [True, False], ids=["extension", "torch"]
 )
+@pytest.mark.parallel
 def test_bad_inputs_raise_before_the_collective(use_extension):
     results = run_distributed(_bad_input_worker, 2, use_extension)
     expected = ["RuntimeError"] * 2 if use_extension else ["TypeError", "ValueError"]

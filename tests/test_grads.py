@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from oracle_harness import Case, build_case_model
 
@@ -46,6 +45,7 @@ def _non_finite_gate_grad(rank, world_size, case):
     return outcome, partial, complete, check.item()
 
 
+@pytest.mark.parallel
 def test_non_finite_gate_gradient_on_one_rank_raises_on_every_rank():
     results = run_distributed(_non_finite_gate_grad, 2, Case(tp=2, sp=True))
     for rank, (outcome, partial, complete, check) in enumerate(results):
@@ -78,6 +78,7 @@ def _stock_finalize_with_deferred_gates(rank, world_size, case):
     return message
 
 
+@pytest.mark.parallel
 def test_deferred_gates_refuse_megatrons_stock_finalize():
     message = run_distributed(_stock_finalize_with_deferred_gates, 2, Case(tp=2, sp=True))[0]
     assert message is not None and "megatron_wesar.grads.finalize_model_grads" in message
@@ -86,10 +87,10 @@ def test_deferred_gates_refuse_megatrons_stock_finalize():
 def _gate_param_groups(rank, world_size, gate_lr_mult):
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
+    from oracle_harness import transformer_config
 
     from megatron_wesar.config import WeSaRConfig
     from megatron_wesar.training.engine import build_engine, initialize_parallel
-    from oracle_harness import transformer_config
 
     case = Case(dtype=torch.float32)
     initialize_parallel(1, 1, case.seed)
@@ -111,6 +112,7 @@ def _gate_param_groups(rank, world_size, gate_lr_mult):
 
 
 @pytest.mark.parametrize("gate_lr_mult", [1.0, 0.1])
+@pytest.mark.parallel
 def test_gates_get_no_weight_decay_and_their_lr_multiplier(gate_lr_mult):
     groups, n_gates = run_distributed(_gate_param_groups, 1, gate_lr_mult)[0]
     assert n_gates == 4 * 2 + 2

@@ -5,7 +5,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from gather import gather_canonical
 from oracle_harness import Case, build_case_model
@@ -70,9 +69,9 @@ GATE_REL = {torch.float64: 1e-12, torch.float32: 1e-7}  # one rounding of the ga
 
 
 def _check_initial_state(case: Case, sd: dict, sigma: float) -> None:
-    """Gates equal the hand-computed alpha_0 (to one rounding of their dtype); W_bar has std sigma when gated, the
-    backbone std otherwise (2%); biases 0; norms gamma 1, beta 0; learned positions at the
-    backbone's embedding std."""
+    """Gates equal the hand-computed alpha_0 (to one rounding of their dtype); W_bar has std
+    sigma when gated, the backbone std otherwise (2%); biases 0; norms gamma 1, beta 0; learned
+    positions at the backbone's embedding std."""
     stds = BACKBONE_STD[case.backbone](sigma)
     for role, rows in _role_weights(sd, case.tied).items():
         owner = "embedding" if role == "output" and case.tied else role
@@ -105,6 +104,7 @@ INIT_CASES = [
      for backbone, tied, _ in GATED[:3]]
 
 
+@pytest.mark.parallel
 def test_initial_gates_and_stds_match_the_hand_computed_tables():
     results = run_distributed(_initial_state, 2, INIT_CASES)[0]
     for case, sd in zip(INIT_CASES, results):
@@ -135,7 +135,8 @@ def _loss_and_gate_grads(rank, world_size, case, perturbations, rel_step=1e-5):
 
     def loss():
         logits = model(inputs, positions, None)
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels.reshape(-1))
 
     loss().backward()
     reduce_gate_grads([model])  # sums the TP partial-sum gate gradients
@@ -160,6 +161,7 @@ def _loss_and_gate_grads(rank, world_size, case, perturbations, rel_step=1e-5):
     [Case(num_layers=2), Case(tp=2, sp=True, tied=True, swiglu=True, rope=True)],
     ids=["tp1", "tp2-sp-tied-swiglu-rope"],
 )
+@pytest.mark.parallel
 def test_gate_gradients_match_central_finite_differences(case):
     grads, fd = run_distributed(_loss_and_gate_grads, case.world_size, case, 100)[0]
     assert len(fd) == 4 * case.num_layers + 2
@@ -186,6 +188,7 @@ def _gate_checkpoint_entries(rank, world_size, case):
     return plain, entries, tp_rank
 
 
+@pytest.mark.parallel
 def test_gates_are_replicated_entries_of_both_state_dicts():
     case = Case(tp=2, tied=True)
     for plain, entries, tp_rank in run_distributed(_gate_checkpoint_entries, 2, case):
@@ -216,6 +219,7 @@ def _non_finite_gate(rank, world_size, case):
     return message
 
 
+@pytest.mark.parallel
 def test_non_finite_gate_raises_naming_the_gate():
     message = run_distributed(_non_finite_gate, 1, Case())[0]
     assert message is not None
@@ -238,7 +242,8 @@ def test_parallel_shape_errors():
     with pytest.raises(ValueError, match="num_attention_heads"):
         config(num_attention_heads=3, kv_channels=8, tensor_model_parallel_size=2)
     with pytest.raises(ValueError, match="ffn_hidden_size=66 is not divisible"):
-        validate_parallel_shapes(config(ffn_hidden_size=66, tensor_model_parallel_size=4), tp_size=4)
+        validate_parallel_shapes(config(ffn_hidden_size=66, tensor_model_parallel_size=4),
+                                 tp_size=4)
     with pytest.raises(ValueError, match="tensor-parallel group has 2 ranks"):
         validate_parallel_shapes(config(), tp_size=2)
     with pytest.raises(ValueError, match="vocab_size=63 is not divisible"):
@@ -285,7 +290,8 @@ DRIVER_CASE = replace(STATS_CASE, dtype=torch.float32)  # the driver trains in f
 DRIVER_FLAGS = {  # flags -> the case whose hand-computed table the built model must match
     "defaults": ([], replace(DRIVER_CASE, tied=True)),
     "sigma1e-3-small-untied": (
-        ["--wesar-sigma", "1e-3", "--init-method", "small", "--untie-embeddings-and-output-weights"],
+        ["--wesar-sigma", "1e-3", "--init-method", "small",
+         "--untie-embeddings-and-output-weights"],
         replace(DRIVER_CASE, backbone="small", sigma=1e-3)),
     "megatron-no-embedding-gate": (
         ["--init-method", "megatron", "--wesar-no-embedding-gate"],
@@ -295,6 +301,7 @@ DRIVER_FLAGS = {  # flags -> the case whose hand-computed table the built model 
 }
 
 
+@pytest.mark.parallel
 def test_driver_flags_reach_the_built_model():
     argvs = [DRIVER_SHAPE + flags for flags, _ in DRIVER_FLAGS.values()]
     states = run_distributed(_driver_initial_states, 2, argvs)[0]
@@ -312,6 +319,7 @@ def _initial_weights(rank, world_size, case):
     return weights
 
 
+@pytest.mark.parallel
 def test_initial_weights_do_not_depend_on_the_parallel_layout():
     base = Case(num_layers=4, tied=False, swiglu=True)
     single = run_distributed(_initial_weights, 1, base)[0]

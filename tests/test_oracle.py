@@ -12,7 +12,6 @@ from functools import lru_cache
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from oracle_harness import Case, run_megatron_case, run_reference_case
 

@@ -1,8 +1,8 @@
 """The pretraining driver on real gloo groups: every layout trains like the single process, and
 impossible layouts get clear errors."""
 import pytest
-
 from distributed import run_distributed
+
 from megatron_wesar.training.arguments import parse_pretrain_args
 
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",

@@ -9,7 +9,13 @@ import shutil
 import pytest
 
 from megatron_wesar.study.summary import (
-    format_lr, load_metrics, parse_run_name, run_name, spike_counts, summarize, write_summary,
+    format_lr,
+    load_metrics,
+    parse_run_name,
+    run_name,
+    spike_counts,
+    summarize,
+    write_summary,
 )
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "study_small")
@@ -80,7 +86,8 @@ def test_summary_of_the_fixture(study_dir):
     assert _run(summary, "small", 1e-2)["spike_steps"] == {"grad_norm": {"megatron": [15, 33]}}
     assert _run(summary, "he", 1e-2)["max_grad_norm"] == pytest.approx(7.5)
     assert _run(summary, "he", 1e-3)["max_grad_norm"] == pytest.approx(1.5)
-    # largest loss / running minimum: the jump at step 25 (5 - 2.55 * 25/36 + 1) / (5 - 2.55 * 24/36)
+    # largest loss / running minimum: the jump at step 25,
+    # (5 - 2.55 * 25/36 + 1) / (5 - 2.55 * 24/36)
     he_spike = _run(summary, "he", 1e-2)
     assert he_spike["max_loss_rise"] == pytest.approx((6 - 2.55 * 25 / 36) / 3.3, rel=1e-5)
     assert he_spike["max_loss_rise_step"] == 25
@@ -150,7 +157,8 @@ def test_report_renders_from_the_fixture(study_dir, capsys):
     assert "| wesar | 1e-3 | 1.750 | 1.700 | best | 30 | lowest LR of the grid |" in report
     assert "| small | 2.200 | 1.950 | **1.850** |" in report
     # he at 1e-2: the +1.0 loss jump at step 25 over the running minimum (3.30): 4.229 / 3.30
-    assert "| he | 3 | 0 | 0 | 1 | 0 | 0 | 0 | 0 | 1.02x | 1.28x (LR 1e-2, step 25) | 7.50 |" in report
+    he_row = "| he | 3 | 0 | 0 | 1 | 0 | 0 | 0 | 0 | 1.02x | 1.28x (LR 1e-2, step 25) | 7.50 |"
+    assert he_row in report
     for method, rel in (("he", "2.40x | 3.00x"), ("small", "2.00x | 2.50x"),
                         ("wesar", "1.05x | 0.98x")):
         assert any(line.startswith(f"| {method} |") and rel in line
@@ -253,6 +261,7 @@ def _metrics_files(out_dir):
     return sorted(os.path.join(runs, n, "metrics.jsonl") for n in os.listdir(runs))
 
 
+@pytest.mark.parallel
 def test_small_study_end_to_end(tmp_path):
     from distributed import run_distributed
 

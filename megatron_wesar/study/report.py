@@ -14,8 +14,16 @@ import os
 import sys
 
 from .summary import (
-    RELATIVE_ROLES, REFERENCE_ROLE, ROLES, SPIKE_RULES, SPIKE_SERIES, format_lr, load_metrics,
-    load_summary, write_summary, read_json,
+    REFERENCE_ROLE,
+    RELATIVE_ROLES,
+    ROLES,
+    SPIKE_RULES,
+    SPIKE_SERIES,
+    format_lr,
+    load_metrics,
+    load_summary,
+    read_json,
+    write_summary,
 )
 
 FIGURES = {
@@ -626,7 +634,7 @@ def render_report(study_dir: str, summary: dict | None = None) -> str:
     if summary is None:
         summary = write_summary(study_dir)
     else:
-        from .summary import _restore, _json_safe
+        from .summary import _json_safe, _restore
 
         summary = _restore(_json_safe(summary))
     if not summary["runs"]:

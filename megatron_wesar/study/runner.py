@@ -4,7 +4,8 @@ All runs share ONE process group: the command runs under torchrun (or starts it,
 and every rank calls `pretrain(parse_pretrain_args(argv), log=...)` once per run, sequentially.
 pretrain sets up and tears down megatron's model-parallel state itself; between runs the
 runner destroys the process groups the run left behind (megatron's teardown keeps them, and
-each further run got slower) and collects garbage. Each run writes `DIR/runs/<method>_lr<lr>_s<seed>/metrics.jsonl`
+each further run got slower) and collects garbage. Each run writes
+`DIR/runs/<method>_lr<lr>_s<seed>/metrics.jsonl`
 (the driver's --metrics-file) and `log.txt` (its progress lines); rank 0 draws a plain-text
 progress bar over runs, then writes `DIR/summary.json` and renders `DIR/report.md`.
 
@@ -22,6 +23,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import partial
 
 from .summary import format_lr, load_metrics, run_name, write_summary
 
@@ -105,10 +107,10 @@ STUDY_PRESETS = {
             "With 100 steps the megatron and zscore spike rules (100-step windows) cannot fire, "
             "so the report also gives the largest rise of the training loss above its running "
             "minimum, which needs no window; at this scale the update ratios are the robust "
-            "signal (notes/tiny-scale-findings.md)."
+            "signal (docs/tiny-scale-findings.md)."
         ),
     ),
-    # the setup of notes/tiny-scale-findings.md through the driver (hours on 2 CPU cores)
+    # the setup of docs/tiny-scale-findings.md through the driver (hours on 2 CPU cores)
     "tiny-long": StudyPreset(
         pretrain_args=(
             "--preset", "tiny", "--tensor-model-parallel-size", "2", "--sequence-parallel",
@@ -120,10 +122,10 @@ STUDY_PRESETS = {
         seeds=(1, 2),
         nproc=2,
         description=(
-            "The tiny preset's model at sequence 128, global batch 16, 800 steps (40 warm-up, cosine "
-            "to 0.1x), TP=2 with sequence parallelism, 6 learning rates, 2 seeds"
+            "The tiny preset's model at sequence 128, global batch 16, 800 steps (40 warm-up, "
+            "cosine to 0.1x), TP=2 with sequence parallelism, 6 learning rates, 2 seeds"
         ),
-        rationale="The longer CPU study of notes/tiny-scale-findings.md, run through the driver.",
+        rationale="The longer CPU study of docs/tiny-scale-findings.md, run through the driver.",
     ),
 }
 
@@ -345,7 +347,7 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
             error = None
             log_file = open(os.path.join(run_dir, "log.txt"), "w") if rank == 0 else None
             try:
-                pretrain(args, log=(lambda line: print(line, file=log_file, flush=True))
+                pretrain(args, log=partial(print, file=log_file, flush=True)
                          if log_file else (lambda line: None))
             except Exception:  # noqa: BLE001 - a failed run is recorded, the study goes on
                 error = traceback.format_exc()
@@ -466,6 +468,9 @@ def main(argv=None) -> int:
         return 0
     import torch.distributed as dist
 
+    from ..compat import enable_cpu_compat
+
+    enable_cpu_compat()
     _quiet_known_warnings()
     try:
         run_study(config)

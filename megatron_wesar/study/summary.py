@@ -426,7 +426,8 @@ def summarize(study_dir: str, config: dict | None = None) -> dict:
         "config": config,
         "runs": runs,
         "methods": methods,
-        "grid": {m: {format_lr(lr): cell for lr, cell in by_lr.items()} for m, by_lr in cells.items()},
+        "grid": {m: {format_lr(lr): cell for lr, cell in by_lr.items()}
+                 for m, by_lr in cells.items()},
         "best_baseline": best_baseline,
         "baseline_methods": baseline_methods,
     }

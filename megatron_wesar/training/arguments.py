@@ -162,7 +162,8 @@ class PretrainArgs:
                     "tensor_model_parallel_size", "pipeline_model_parallel_size", "log_interval")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be > 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.eval_interval is not None and self.eval_interval <= 0:

@@ -102,7 +102,8 @@ def read_tracker(directory: str) -> int | None:
     try:
         iteration = int(text)
     except ValueError:
-        raise CheckpointError(f"checkpoint tracker {path} does not hold an iteration: {text!r}")
+        raise CheckpointError(
+            f"checkpoint tracker {path} does not hold an iteration: {text!r}") from None
     if iteration < 0:
         raise CheckpointError(f"checkpoint tracker {path} holds a negative iteration {iteration}")
     return iteration

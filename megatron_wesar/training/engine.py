@@ -14,14 +14,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (
+    OptimizerConfig,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
-from megatron.core.optimizer import get_standard_config_overrides
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from ..compat.cpu import enable_cpu_compat
+from ..compat.cpu import cpu_compat_active
 from ..config import WeSaRConfig
 from ..grads import finalize_model_grads
 from ..spec import build_gpt_model
@@ -31,8 +34,14 @@ def initialize_parallel(tensor_model_parallel_size: int, pipeline_model_parallel
                         seed: int) -> None:
     """Set up megatron's TP/PP/DP groups on the initialised default group, and seed the RNGs.
 
-    Raises ValueError when the world size is not a multiple of TP x PP.
+    Raises ValueError when the world size is not a multiple of TP x PP, and RuntimeError on a
+    machine without CUDA when the CPU compatibility layer is not enabled.
     """
+    if not torch.cuda.is_available() and not cpu_compat_active():
+        raise RuntimeError(
+            "megatron-core needs CUDA; to run it on CPU with gloo, call "
+            "megatron_wesar.compat.enable_cpu_compat() first (the megatron-wesar command does)"
+        )
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed must be initialised before initialize_parallel")
     world = dist.get_world_size()
@@ -43,7 +52,6 @@ def initialize_parallel(tensor_model_parallel_size: int, pipeline_model_parallel
             f"{tensor_model_parallel_size} x pipeline-model-parallel size "
             f"{pipeline_model_parallel_size}"
         )
-    enable_cpu_compat()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -116,7 +124,8 @@ def build_engine(
     ddp_config = ddp_config or DistributedDataParallelConfig(
         use_distributed_optimizer=optimizer_config.use_distributed_optimizer
     )
-    model = build_gpt_model(transformer_config, wesar, vocab_size, max_sequence_length, **gpt_kwargs)
+    model = build_gpt_model(transformer_config, wesar, vocab_size, max_sequence_length,
+                            **gpt_kwargs)
     ddp = DistributedDataParallel(transformer_config, ddp_config, model)
     optimizer = get_megatron_optimizer(
         optimizer_config, [ddp], config_overrides=gate_config_overrides(optimizer_config, wesar)

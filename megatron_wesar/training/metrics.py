@@ -22,7 +22,8 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 warnings.warn("--tensorboard-dir given but TensorBoard is not installed "
-                              "(pip install tensorboard); writing JSONL metrics only")
+                              "(pip install tensorboard); writing JSONL metrics only",
+                              stacklevel=2)
             else:
                 self._tb = SummaryWriter(tensorboard_dir)
 

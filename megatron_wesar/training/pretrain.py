@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..compat import enable_cpu_compat
 from ..config import WeSaRConfig
 from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
 from ..data.tokenizers import build_tokenizer
@@ -246,7 +247,8 @@ def format_progress(record: dict, train_iters: int) -> str:
 
 
 def main(argv=None) -> int:
-    """Entry point of `megatron-wesar pretrain`."""
+    """Entry point of `megatron-wesar pretrain` (enables the CPU layer where CUDA is absent)."""
+    enable_cpu_compat()
     pretrain(parse_pretrain_args(argv))
     if dist.is_initialized():
         dist.destroy_process_group()
