@@ -25,6 +25,8 @@ import traceback
 from dataclasses import dataclass, field
 from functools import partial
 
+from ..compat.megatron_core import destroy_process_groups_since, process_groups
+from ..coordination import atomic_write_json, broadcast_from_rank0, gather_objects
 from .summary import format_lr, load_metrics, run_name, write_summary
 
 
@@ -283,14 +285,6 @@ def is_complete(path: str, args) -> bool:
     return True
 
 
-def _broadcast(value, rank: int):
-    import torch.distributed as dist
-
-    box = [value if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _last_valid(path: str):
     try:
         metrics = load_metrics(path)
@@ -317,7 +311,7 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
         args.data_parallel_size(dist.get_world_size())  # ValueError on an impossible layout
     if rank == 0:
         os.makedirs(os.path.join(config.out_dir, "runs"), exist_ok=True)
-        _write_json(os.path.join(config.out_dir, "study.json"), config.to_json())
+        atomic_write_json(os.path.join(config.out_dir, "study.json"), config.to_json())
         log(f"study: {len(config.methods)} methods x {len(config.lrs)} learning rates x "
             f"{len(config.seeds)} seed(s) = {len(plan)} runs on {dist.get_world_size()} rank(s) "
             f"-> {config.out_dir}")
@@ -338,10 +332,10 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
                 for name in ("metrics.jsonl", "error.txt", "log.txt"):
                     if os.path.exists(os.path.join(run_dir, name)):
                         os.remove(os.path.join(run_dir, name))
-        skip = _broadcast(skip, rank)
+        skip = broadcast_from_rank0(skip)
         run_start = time.perf_counter()
         status = "kept"
-        groups_before = _process_groups()
+        groups_before = process_groups()
         if not skip:
             status = "done"
             error = None
@@ -355,16 +349,14 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
             finally:
                 if log_file:
                     log_file.close()
-            errors = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
-            errors = [e for e in errors if e]
+            errors = [e for e in gather_objects(error) if e]
             if errors:
                 status = "FAILED"
                 failures[run_name(*key)] = errors[0].strip().splitlines()[-1]
                 if rank == 0:
                     with open(os.path.join(run_dir, "error.txt"), "w") as f:
                         f.write(errors[0])
-            _destroy_groups_since(groups_before)
+            destroy_process_groups_since(groups_before)
             gc.collect()
         dist.barrier()
         timings[run_name(*key)] = time.perf_counter() - run_start
@@ -383,7 +375,7 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
         info = config.to_json()
         info.update(wall_time_s=wall, run_time_s=timings, failed_runs=failures,
                     world_size=dist.get_world_size())
-        _write_json(os.path.join(config.out_dir, "study.json"), info)
+        atomic_write_json(os.path.join(config.out_dir, "study.json"), info)
         summary = write_summary(config.out_dir, info)
         log(f"summary: {os.path.join(config.out_dir, 'summary.json')}")
         if config.report and not summary["runs"]:
@@ -397,29 +389,6 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
     return summary
 
 
-def _process_groups() -> set:
-    """The process groups torch.distributed knows now."""
-    import torch.distributed as dist
-
-    return set(dist.distributed_c10d._world.pg_map)
-
-
-def _destroy_groups_since(before: set) -> None:
-    """Destroy the process groups a run created and left behind.
-
-    megatron's destroy_model_parallel() only drops its references to the TP/PP/DP/... groups;
-    torch.distributed keeps every one of them (17 per run at TP=2) and each further run in the
-    same process got slower (measured: tokens/s fell from ~8300 to ~4400-5300 over 10 runs of 40
-    steps, while it stays flat when the groups are destroyed). The losses are unaffected.
-    """
-    import torch.distributed as dist
-
-    world = dist.GroupMember.WORLD
-    for group in list(dist.distributed_c10d._world.pg_map):
-        if group not in before and group is not world:
-            dist.destroy_process_group(group)
-
-
 def _cleanup_parallel_state() -> None:
     """Tear down megatron's model-parallel state after a run that raised mid-way."""
     try:
@@ -429,14 +398,6 @@ def _cleanup_parallel_state() -> None:
             parallel_state.destroy_model_parallel()
     except Exception:  # noqa: BLE001
         pass
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # megatron-core's notices on a CPU host without Transformer Engine / apex / CUDA, printed by

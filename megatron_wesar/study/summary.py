@@ -13,6 +13,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ..coordination import atomic_write_json
+
 ROLES = ("qkv", "attn_proj", "fc1", "fc2", "embedding", "output")
 SPIKE_SERIES = ("loss", "grad_norm")
 SPIKE_RULES = ("megatron", "zscore", "relmin")
@@ -455,12 +457,8 @@ def _json_safe(obj):
 def write_summary(study_dir: str, config: dict | None = None) -> dict:
     """Summarise the study folder and write summary.json; return the summary."""
     summary = summarize(study_dir, config)
-    path = os.path.join(study_dir, "summary.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(summary), f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(os.path.join(study_dir, "summary.json"), _json_safe(summary),
+                      allow_nan=False)
     return summary
 
 

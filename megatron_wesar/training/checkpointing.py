@@ -48,6 +48,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
+from ..compat.megatron_core import (
+    distributed_optimizer_steps,
+    prime_distributed_optimizer_state,
+    restore_distributed_optimizer_steps,
+)
+from ..coordination import agree, on_rank0
+
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
@@ -277,40 +284,6 @@ def _rng_sharded_object(data) -> ShardedObject:
     return ShardedObject("rng_state", data, shape, offset, replica_id=0)
 
 
-# --------------------------------------------------------------------------------------------
-# collective helpers
-
-
-def _on_rank0(fn: Callable):
-    """Run `fn` on rank 0; every rank returns its result, or raises the error it raised."""
-    payload = [None]
-    if dist.get_rank() == 0:
-        try:
-            payload[0] = (True, fn())
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            payload[0] = (False, err)
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(payload, src=0)
-    ok, value = payload[0]
-    if not ok:
-        raise value
-    return value
-
-
-def _agree(error: BaseException | None) -> None:
-    """Raise on every rank when some rank failed (so that no rank waits in a collective that
-    the failed ones never reach): each rank raises its own error, or the first rank's."""
-    errors = [error]
-    if dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-    if error is not None:
-        raise error
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
-
-
 def _say(log: Log, message: str) -> None:
     if log is not None and dist.get_rank() == 0:
         log(message)
@@ -337,7 +310,7 @@ def save_checkpoint(engine, iteration: int, directory: str, log: Log = print) ->
         os.mkdir(tmp)
         return tmp
 
-    tmp = _on_rank0(make_tmp)
+    tmp = on_rank0(make_tmp)
 
     metadata = _sharding_metadata(engine)
     state = _model_sharded_state_dict(engine, metadata)
@@ -376,7 +349,7 @@ def save_checkpoint(engine, iteration: int, directory: str, log: Log = print) ->
         _write_tracker(directory, iteration)
         _remove_stale(directory)
 
-    _on_rank0(finish)
+    on_rank0(finish)
     _say(log, f"saved checkpoint at iteration {iteration} to {final}")
     return final
 
@@ -512,75 +485,6 @@ def _optimizer_loadable(saved: dict, mine: dict) -> tuple[bool, str]:
     return True, ""
 
 
-def _prime_distributed_optimizer_state(optimizer) -> None:
-    """Give a fresh torch.optim.Adam inside megatron's DistributedOptimizer its state (zero
-    moments, step 0) before its sharded_state_dict(is_loading=True).
-
-    megatron-core 0.16.1 without Apex / Transformer Engine reads `state["step"]` of every
-    parameter there (DistributedOptimizer.state_dict: `assert len(steps) == 1`), which a fresh
-    torch Adam does not have yet; with Apex or TE FusedAdam nothing is needed.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
-            continue
-        inner = opt.optimizer
-        if not isinstance(inner, torch.optim.Optimizer):
-            continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                if "step" not in state:
-                    state["exp_avg"] = torch.zeros_like(param.data)
-                    state["exp_avg_sq"] = torch.zeros_like(param.data)
-                    state["step"] = torch.tensor(0.0)
-
-
-def _torch_adam_distributed_optimizers(optimizer) -> list:
-    """The DistributedOptimizers in `optimizer` that wrap a torch optimizer (no Apex / TE)."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return []
-    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return [
-        opt if isinstance(opt, distrib_optimizer.DistributedOptimizer) else None
-        for opt in chained
-    ]
-
-
-def _distributed_optimizer_steps(optimizer, state_dict) -> list:
-    """The Adam step count saved for each DistributedOptimizer (None for other optimizers)."""
-    optimizers = _torch_adam_distributed_optimizers(optimizer)
-    if not any(optimizers):
-        return []
-    states = [state_dict] if len(optimizers) == 1 else [state_dict[k] for k in sorted(state_dict)]
-    steps = []
-    for opt, state in zip(optimizers, states):
-        found = {g["step"] for g in state["optimizer"]["param_groups"] if "step" in g}
-        steps.append(float(found.pop()) if opt is not None and len(found) == 1 else None)
-    return steps
-
-
-def _restore_distributed_optimizer_steps(optimizer, steps: list) -> None:
-    """Set the torch Adam step of every parameter of each DistributedOptimizer to its saved
-    value, one tensor per parameter.
-
-    megatron-core 0.16.1 with torch Adam (no Apex / TE): DistributedOptimizer.load_state_dict
-    sets the loaded step, but its dp_reshardable parameter-state load then copies the local
-    (pre-load) step back over it, and leaves one step tensor shared by all parameters.
-    """
-    for opt, step in zip(_torch_adam_distributed_optimizers(optimizer), steps):
-        if opt is None or step is None:
-            continue
-        for state in opt.optimizer.state.values():
-            if "step" in state:
-                state["step"] = torch.tensor(step, dtype=state["step"].dtype)
-
-
 _SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
                   "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
 
@@ -614,7 +518,7 @@ def load_checkpoint(engine, directory: str, iteration: int | None = None, *,
     CheckpointMismatchError (a ValueError) for a checkpoint of a model of another shape.
     """
     directory = os.path.abspath(directory)
-    found = _on_rank0(lambda: _locate(directory, iteration, missing_ok))
+    found = on_rank0(lambda: _locate(directory, iteration, missing_ok))
     if found is None:
         _say(log, f"no checkpoint in {directory} yet: starting from iteration 0")
         return 0
@@ -630,7 +534,7 @@ def load_checkpoint(engine, directory: str, iteration: int | None = None, *,
         error = err
     except Exception as err:  # noqa: BLE001 - every rank raises below
         error = CheckpointError(f"failed to read checkpoint {path}: {type(err).__name__}: {err}")
-    _agree(error)
+    agree(error)
 
     saved_layout, my_layout = description.get("layout", {}), layout_description(engine)
     load_optimizer, why_not = _optimizer_loadable(saved_layout, my_layout)
@@ -638,7 +542,7 @@ def load_checkpoint(engine, directory: str, iteration: int | None = None, *,
 
     state = dict(model_state)
     if load_optimizer:
-        _prime_distributed_optimizer_state(engine.optimizer)
+        prime_distributed_optimizer_state(engine.optimizer)
         with torch.no_grad():  # the optimizer initialises its state in place
             state["optimizer"] = engine.optimizer.sharded_state_dict(
                 model_state, is_loading=True, metadata=metadata
@@ -653,15 +557,15 @@ def load_checkpoint(engine, directory: str, iteration: int | None = None, *,
     except Exception as err:  # noqa: BLE001 - re-raised with the path
         error = CheckpointError(f"failed to read checkpoint {path}: {type(err).__name__}: {err}")
         error.__cause__ = err
-    _agree(error)
+    agree(error)
 
     for key, chunk in zip(_model_keys(engine), engine.model):
         chunk.module.load_state_dict(loaded[key], strict=True)
     if load_optimizer:
-        steps = _distributed_optimizer_steps(engine.optimizer, loaded["optimizer"])
+        steps = distributed_optimizer_steps(engine.optimizer, loaded["optimizer"])
         with torch.no_grad():
             engine.optimizer.load_state_dict(loaded["optimizer"])
-        _restore_distributed_optimizer_steps(engine.optimizer, steps)
+        restore_distributed_optimizer_steps(engine.optimizer, steps)
     else:
         engine.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
     schedule_diffs = _schedule_differences(engine.scheduler, loaded["opt_param_scheduler"])

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..compat import enable_cpu_compat
 from ..config import WeSaRConfig
+from ..coordination import gather_stage_dicts
 from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
 from ..data.tokenizers import build_tokenizer
 from ..monitor import GateTrajectory, SpikeTracker, UpdateRatioMonitor
@@ -126,17 +127,6 @@ def build_data(args: PretrainArgs):
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
     """The vocabulary padded to a multiple of the tensor-parallel size (extra rows never used)."""
     return -(-vocab_size // tensor_model_parallel_size) * tensor_model_parallel_size
-
-
-def gather_stage_dicts(values: dict) -> dict:
-    """Merge dicts of all pipeline stages (keys are unique per stage); identity without PP."""
-    group = parallel_state.get_pipeline_model_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return values
-    stages = [None] * size
-    dist.all_gather_object(stages, values, group=group)
-    return {k: v for stage in stages for k, v in stage.items()}
 
 
 def pretrain(args: PretrainArgs, log=print) -> list[dict]:
