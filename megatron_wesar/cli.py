@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+from .compat.notices import quiet_megatron_notices
+
 DEMO_ARGS = ["--preset", "tiny", "--dir", "out/demo", "--rerun"]
 
 
@@ -27,6 +29,7 @@ def run_demo() -> int:
 def main(argv=None) -> int:
     """Dispatch `megatron-wesar <command> [args]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_megatron_notices()
     commands = {"pretrain": _pretrain, "preprocess": _preprocess, "study": _study,
                 "report": _report, "demo": lambda rest: run_demo()}
     if not argv or argv[0] not in commands:

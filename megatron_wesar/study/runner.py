@@ -400,23 +400,6 @@ def _cleanup_parallel_state() -> None:
         pass
 
 
-# megatron-core's notices on a CPU host without Transformer Engine / apex / CUDA, printed by
-# every rank: not actionable in a study, they would drown its progress bar
-_KNOWN_WARNINGS = (
-    r"Transformer Engine and Apex are not installed",
-    r"Apex is not installed",
-    r"full scope is deprecated",
-    r"When using async grad allreduce it is recommended",
-)
-
-
-def _quiet_known_warnings() -> None:
-    import warnings
-
-    for message in _KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=UserWarning)
-
-
 def main(argv=None) -> int:
     """`megatron-wesar study`: under torchrun, or one rank, run here; else start torchrun."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -432,7 +415,6 @@ def main(argv=None) -> int:
     from ..compat import enable_cpu_compat
 
     enable_cpu_compat()
-    _quiet_known_warnings()
     try:
         run_study(config)
     finally:

@@ -34,50 +34,88 @@ PRESETS = {
 }
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states each option's default value (switches and preset-filled ones aside)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is argparse.SUPPRESS or isinstance(default, bool) \
+                or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `pretrain` argument parser."""
-    p = argparse.ArgumentParser(prog="megatron-wesar pretrain", description=__doc__)
+    p = argparse.ArgumentParser(prog="megatron-wesar pretrain", description=__doc__,
+                                formatter_class=_DefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="model size whose shape and batch defaults fill unset arguments")
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--ffn-hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--seq-length", type=int)
+    g.add_argument("--num-layers", type=int, help="transformer layers N (default: the preset's)")
+    g.add_argument("--hidden-size", type=int, help="hidden size d (default: the preset's)")
+    g.add_argument("--ffn-hidden-size", type=int,
+                   help="MLP hidden size d_ff (default: the preset's, 4d)")
+    g.add_argument("--num-attention-heads", type=int,
+                   help="attention heads (default: the preset's)")
+    g.add_argument("--seq-length", type=int, help="tokens per sample (default: the preset's)")
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GeLU")
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"],
-                   default="learned_absolute")
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--bf16", action="store_true")
+                   default="learned_absolute", help="learned positions or rotary embeddings")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm",
+                   help="the pre-LN norm")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="a separate output-layer matrix (default: tied to the word embedding; "
+                        "the two keep separate gates either way)")
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fp32 master weights)")
     g = p.add_argument_group("WeSaR")
-    g.add_argument("--wesar", dest="wesar", action="store_true", default=True)
+    g.add_argument("--wesar", dest="wesar", action="store_true", default=True,
+                   help="gate every matrix: W_eff = gate * W_bar (the default)")
     g.add_argument("--no-wesar", dest="wesar", action="store_false",
                    help="the same model with the backbone init and no gates (baseline)")
-    g.add_argument("--wesar-sigma", type=float, default=DEFAULT_SIGMA)
-    g.add_argument("--init-method", choices=BACKBONES, default="he")
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--wesar-gate-lr-mult", type=float, default=1.0)
-    g.add_argument("--wesar-no-embedding-gate", action="store_true")
+    g.add_argument("--wesar-sigma", type=float, default=DEFAULT_SIGMA,
+                   help="the one common std of every gated W_bar (paper: sqrt(4e-5))")
+    g.add_argument("--init-method", choices=BACKBONES, default="he",
+                   help="backbone init whose per-matrix stds the gates carry (or, with "
+                        "--no-wesar, the weights get)")
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="the std of the 'megatron' backbone")
+    g.add_argument("--wesar-gate-lr-mult", type=float, default=1.0,
+                   help="learning-rate multiplier of the gates (through warm-up and decay)")
+    g.add_argument("--wesar-no-embedding-gate", action="store_true",
+                   help="leave the word embedding ungated (drawn with its backbone std)")
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int)
-    g.add_argument("--global-batch-size", type=int)
-    g.add_argument("--train-iters", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--min-lr", type=float, default=None)
-    g.add_argument("--lr-warmup-iters", type=int, default=None)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--micro-batch-size", type=int,
+                   help="samples per microbatch (default: the preset's)")
+    g.add_argument("--global-batch-size", type=int,
+                   help="samples per optimizer step over all data-parallel ranks "
+                        "(default: the preset's)")
+    g.add_argument("--train-iters", type=int,
+                   help="optimizer steps, also the LR decay length (default: the preset's)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    g.add_argument("--min-lr", type=float, default=None,
+                   help="learning rate at the end of the cosine decay (default: 0.1 x --lr)")
+    g.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help="linear warm-up steps from 0 (default: --train-iters // 20, at least 1)")
+    g.add_argument("--weight-decay", type=float, default=0.1,
+                   help="decoupled weight decay of the matrices (never of gates, biases, norms)")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="clip the global gradient norm to this (0: no clipping)")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.95, help="Adam beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
+    g.add_argument("--seed", type=int, default=1234,
+                   help="seed of the initial weights and of the data order")
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="tensor-parallel ranks per model replica")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages (must divide --num-layers)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard activations along the sequence over the TP group (needs TP > 1)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state over data-parallel ranks")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="Megatron indexed dataset prefixes, optionally weighted "
@@ -85,14 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="98,2,0", help="train,valid,test split of --data-path")
     g.add_argument("--tokenizer-file", default=None,
                    help="Hugging Face tokenizer.json of --data-path (default: byte tokenizer)")
-    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--data-cache-path", default=None,
+                   help="where megatron caches the sample indices of --data-path")
     g = p.add_argument_group("logging and evaluation")
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10,
+                   help="progress line and monitors every this many iterations")
     g.add_argument("--eval-interval", type=int, default=None,
                    help="validation every this many iterations (and after the last)")
     g.add_argument("--eval-iters", type=int, default=4, help="validation batches per evaluation")
     g.add_argument("--metrics-file", default=None, help="JSONL metrics of the run")
-    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-dir", default=None,
+                   help="also write the metrics as TensorBoard scalars here")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", type=str, default=None,
                    help="directory to save checkpoints to (iter_NNNNNNN/ + tracker file)")
