@@ -40,6 +40,18 @@ import torch
 import torch.distributed as dist
 
 from .init import ROLES
+from .metric_keys import (
+    GATE_PREFIX,
+    SPIKE_SERIES,
+    UPDATE_RATIO,
+    WEIGHT_NORM,
+    WEIGHT_RMS,
+    matrix_key,
+    role_mean_key,
+    spike_count_key,
+    spike_flag_key,
+    spread_key,
+)
 
 __all__ = [
     "SpikeRule",
@@ -181,7 +193,7 @@ def default_rules() -> list[SpikeRule]:
 class SpikeTracker:
     """Runs its own copy of the rules (default: `default_rules`) on each named series."""
 
-    def __init__(self, series=("loss", "grad_norm"), rules=default_rules):
+    def __init__(self, series=SPIKE_SERIES, rules=default_rules):
         self.rules = {name: rules() for name in series}
 
     def update(self, step: int, **values) -> dict:
@@ -191,12 +203,12 @@ class SpikeTracker:
             if value is None:
                 continue
             for rule in self.rules[series]:
-                out[f"spike/{series}/{rule.name}"] = float(rule.update(step, value))
+                out[spike_flag_key(series, rule.name)] = float(rule.update(step, value))
         return out
 
     def counts(self) -> dict:
         """{spikes/<series>/<rule>: number of spikes so far}."""
-        return {f"spikes/{s}/{r.name}": float(len(r.spikes))
+        return {spike_count_key(s, r.name): float(len(r.spikes))
                 for s, rules in self.rules.items() for r in rules}
 
     def describe(self) -> list[str]:
@@ -370,22 +382,22 @@ class UpdateRatioMonitor:
 
 def matrix_statistics(rows) -> dict:
     """The read() keys from rows (name, role, update ratio, ||W_eff||, numel) of all matrices."""
-    out = {f"update_ratio/{name}": ratio for name, _, ratio, _, _ in rows}
-    out.update({f"weight_norm/{name}": norm for name, _, _, norm, _ in rows})
+    out = {matrix_key(UPDATE_RATIO, name): ratio for name, _, ratio, _, _ in rows}
+    out.update({matrix_key(WEIGHT_NORM, name): norm for name, _, _, norm, _ in rows})
     roles = [r for r in ROLES if any(row[1] == r for row in rows)]
-    for key, value_of in (
-        ("update_ratio", lambda row: row[2]),
-        ("weight_norm", lambda row: row[3]),
-        ("weight_rms", lambda row: row[3] / math.sqrt(row[4])),
+    for stat, value_of in (
+        (UPDATE_RATIO, lambda row: row[2]),
+        (WEIGHT_NORM, lambda row: row[3]),
+        (WEIGHT_RMS, lambda row: row[3] / math.sqrt(row[4])),
     ):
         means = {}
         for role in roles:
             values = [value_of(row) for row in rows if row[1] == role]
             means[role] = sum(values) / len(values)
-            out[f"{key}_mean/{role}"] = means[role]
+            out[role_mean_key(stat, role)] = means[role]
         if means:
             low, high = min(means.values()), max(means.values())
-            out[f"{key}_spread"] = high / low if low > 0 else math.inf
+            out[spread_key(stat)] = high / low if low > 0 else math.inf
     return out
 
 
@@ -408,4 +420,4 @@ class GateTrajectory:
         self.steps.append(step)
         for (name, _), value in zip(self.gates, values):
             self.values[name].append(value)
-        return {f"gate/{name}": value for (name, _), value in zip(self.gates, values)}
+        return {f"{GATE_PREFIX}{name}": value for (name, _), value in zip(self.gates, values)}

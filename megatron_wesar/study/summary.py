@@ -14,23 +14,29 @@ import re
 from dataclasses import dataclass, field
 
 from ..coordination import atomic_write_json
+from ..init import ROLES
+from ..metric_keys import (
+    GATE_PREFIX,
+    SPIKE_COUNT_PREFIX,
+    SPIKE_FLAG_PREFIX,
+    SPIKE_SERIES,
+    TOKENS_PER_S,
+    UPDATE_RATIO,
+    UPDATE_RATIO_SPREAD,
+    WEIGHT_NORM_SPREAD,
+    WEIGHT_RMS_SPREAD,
+    parse_spike_key,
+    role_mean_key,
+)
+from .format import format_lr
+from .schema import GridCell, MethodSummary, RunSummary, Summary
 
-ROLES = ("qkv", "attn_proj", "fc1", "fc2", "embedding", "output")
-SPIKE_SERIES = ("loss", "grad_norm")
-SPIKE_RULES = ("megatron", "zscore", "relmin")
 # the role every relative update ratio is taken against (FFN-up), and the roles shown against it
 REFERENCE_ROLE = "fc1"
 RELATIVE_ROLES = ("attn_proj", "fc2")
 FINAL_FRACTION = 0.1  # final train loss: mean over the last 10% of the optimizer steps
 
 _RUN_DIR = re.compile(r"^(?P<method>.+)_lr(?P<lr>[0-9.eE+-]+)_s(?P<seed>-?\d+)$")
-
-
-def format_lr(lr: float) -> str:
-    """A learning rate in short scientific notation: 3e-4, 1e-2, 2.5e-4."""
-    mantissa, exponent = f"{float(lr):.6e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return f"{mantissa}e{int(exponent)}"
 
 
 def run_name(method: str, lr: float, seed: int) -> str:
@@ -65,8 +71,8 @@ class RunMetrics:
     def logged(self) -> list:
         """The step records written at log intervals (those carrying monitor keys)."""
         return [r for r in self.steps
-                if "update_ratio_spread" in r or "tokens_per_s" in r
-                or any(k.startswith("spikes/") for k in r)]
+                if UPDATE_RATIO_SPREAD in r or TOKENS_PER_S in r
+                or any(k.startswith(SPIKE_COUNT_PREFIX) for k in r)]
 
 
 def _number(value):
@@ -120,7 +126,8 @@ def _finite(values):
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
-def _mean(values):
+def mean(values):
+    """The mean of the finite values among `values` (None entries skipped); None without any."""
     values = _finite(values)
     return math.fsum(values) / len(values) if values else None
 
@@ -151,22 +158,23 @@ def spike_counts(metrics: RunMetrics) -> dict:
     counts = {s: {} for s in SPIKE_SERIES}
     last = None
     for record in metrics.steps:
-        if any(k.startswith("spikes/") for k in record):
+        if any(k.startswith(SPIKE_COUNT_PREFIX) for k in record):
             last = record
     if last is not None:
         for key, value in last.items():
-            parts = key.split("/")
-            if len(parts) == 3 and parts[0] == "spikes" and parts[1] in counts:
-                counts[parts[1]][parts[2]] = int(round(_number(value) or 0))
+            parsed = parse_spike_key(key, SPIKE_COUNT_PREFIX)
+            if parsed and parsed[0] in counts:
+                series, rule = parsed
+                counts[series][rule] = int(round(_number(value) or 0))
         # a spike flagged on a step after the last count (steps between log intervals)
         for record in metrics.steps:
             if record["iteration"] <= last["iteration"]:
                 continue
             for key, value in record.items():
-                parts = key.split("/")
-                if (len(parts) == 3 and parts[0] == "spike" and parts[1] in counts
-                        and (_number(value) or 0) > 0):
-                    counts[parts[1]][parts[2]] = counts[parts[1]].get(parts[2], 0) + 1
+                parsed = parse_spike_key(key, SPIKE_FLAG_PREFIX)
+                if parsed and parsed[0] in counts and (_number(value) or 0) > 0:
+                    series, rule = parsed
+                    counts[series][rule] = counts[series].get(rule, 0) + 1
         return counts
     from ..monitor import SpikeTracker
 
@@ -179,7 +187,7 @@ def spike_counts(metrics: RunMetrics) -> dict:
                                                                 else float("nan"))
         tracker.update(record["iteration"], **values)
     for key, value in tracker.counts().items():
-        _, series, rule = key.split("/")
+        series, rule = parse_spike_key(key, SPIKE_COUNT_PREFIX)
         counts[series][rule] = int(value)
     return counts
 
@@ -189,9 +197,10 @@ def spike_steps(metrics: RunMetrics) -> dict:
     out = {}
     for record in metrics.steps:
         for key, value in record.items():
-            parts = key.split("/")
-            if len(parts) == 3 and parts[0] == "spike" and (_number(value) or 0) > 0:
-                out.setdefault(parts[1], {}).setdefault(parts[2], []).append(record["iteration"])
+            parsed = parse_spike_key(key, SPIKE_FLAG_PREFIX)
+            if parsed and (_number(value) or 0) > 0:
+                series, rule = parsed
+                out.setdefault(series, {}).setdefault(rule, []).append(record["iteration"])
     return out
 
 
@@ -222,10 +231,11 @@ def steps_to_target(evals: list, target):
     return None
 
 
-def _role_means(logged: list, prefix: str) -> dict:
+def _role_means(logged: list, stat: str) -> dict:
+    """{role: mean over the logged steps of <stat>_mean/<role>} of the roles that have one."""
     out = {}
     for role in ROLES:
-        value = _mean([_number(r.get(f"{prefix}/{role}")) for r in logged])
+        value = mean([_number(r.get(role_mean_key(stat, role))) for r in logged])
         if value is not None:
             out[role] = value
     return out
@@ -237,11 +247,11 @@ def _relative_update_ratios(logged: list) -> dict:
     for role in RELATIVE_ROLES:
         ratios = []
         for r in logged:
-            num = _number(r.get(f"update_ratio_mean/{role}"))
-            den = _number(r.get(f"update_ratio_mean/{REFERENCE_ROLE}"))
+            num = _number(r.get(role_mean_key(UPDATE_RATIO, role)))
+            den = _number(r.get(role_mean_key(UPDATE_RATIO, REFERENCE_ROLE)))
             if num is not None and den:
                 ratios.append(num / den)
-        value = _mean(ratios)
+        value = mean(ratios)
         if value is not None:
             out[role] = value
     return out
@@ -252,14 +262,19 @@ def gate_trajectories(metrics: RunMetrics) -> dict:
     out = {}
     for record in metrics.steps:
         for key, value in record.items():
-            if key.startswith("gate/"):
+            if key.startswith(GATE_PREFIX):
                 value = _number(value)
                 if value is not None:
-                    out.setdefault(key[len("gate/"):], []).append((record["iteration"], value))
+                    out.setdefault(key[len(GATE_PREFIX):], []).append((record["iteration"], value))
     return out
 
 
-def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> dict:
+def _last_value(logged: list, key: str):
+    """The value of `key` in the last logged record that has it, or None."""
+    return next((_number(r[key]) for r in logged[::-1] if key in r), None)
+
+
+def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> RunSummary:
     """The per-run entry of summary.json (steps_to_best_baseline is filled by summarize)."""
     steps, logged = metrics.steps, metrics.logged
     losses = [_number(r.get("loss")) for r in steps]
@@ -290,18 +305,16 @@ def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> dic
         "max_grad_norm": max(finite_grad) if finite_grad else None,
         "max_loss_rise": rise,
         "max_loss_rise_step": rise_step,
-        "mean_grad_norm": _mean(grad_norms),
+        "mean_grad_norm": mean(grad_norms),
         "steps_to_best_baseline": None,
-        "update_ratio_spread": _mean([_number(r.get("update_ratio_spread")) for r in logged]),
-        "update_ratio_mean": _role_means(logged, "update_ratio_mean"),
+        "update_ratio_spread": mean([_number(r.get(UPDATE_RATIO_SPREAD)) for r in logged]),
+        "update_ratio_mean": _role_means(logged, UPDATE_RATIO),
         "update_ratio_rel_fc1": _relative_update_ratios(logged),
-        "weight_norm_spread_final": next((_number(r["weight_norm_spread"]) for r in logged[::-1]
-                                          if "weight_norm_spread" in r), None),
-        "weight_rms_spread_final": next((_number(r["weight_rms_spread"]) for r in logged[::-1]
-                                         if "weight_rms_spread" in r), None),
+        "weight_norm_spread_final": _last_value(logged, WEIGHT_NORM_SPREAD),
+        "weight_rms_spread_final": _last_value(logged, WEIGHT_RMS_SPREAD),
         "gate_count": len(gates),
         "gate_max_rel_change": gate_change,
-        "tokens_per_s": _mean([_number(r.get("tokens_per_s")) for r in logged]),
+        "tokens_per_s": mean([_number(r.get(TOKENS_PER_S)) for r in logged]),
     }
 
 
@@ -324,7 +337,7 @@ def _loss_key(entry: dict):
     return math.inf
 
 
-def grid(runs: list) -> dict:
+def grid(runs: list[RunSummary]) -> dict[str, dict[float, GridCell]]:
     """{method: {lr: cell}}: per (method, lr) the seed means of the final losses."""
     cells = {}
     for run in runs:
@@ -354,7 +367,7 @@ def _seed_mean(values):
     return math.fsum(present) / len(present)
 
 
-def best_lrs(cells: dict) -> dict:
+def best_lrs(cells: dict[str, dict[float, GridCell]]) -> dict[str, MethodSummary]:
     """{method: {lr, final_valid_loss, final_train_loss, at_grid_edge, ...}} at the LR with the
     lowest seed-mean final validation loss (train loss when a method has no evaluation)."""
     out = {}
@@ -389,7 +402,7 @@ def discover_runs(study_dir: str) -> list:
     return out
 
 
-def summarize(study_dir: str, config: dict | None = None) -> dict:
+def summarize(study_dir: str, config: dict | None = None) -> Summary:
     """The summary of a study folder: {"runs": [...], "config": {...}, "methods": {...},
     "grid": {...}, "best_baseline": {...} | None}.
 
@@ -454,7 +467,7 @@ def _json_safe(obj):
     return obj
 
 
-def write_summary(study_dir: str, config: dict | None = None) -> dict:
+def write_summary(study_dir: str, config: dict | None = None) -> Summary:
     """Summarise the study folder and write summary.json; return the summary."""
     summary = summarize(study_dir, config)
     atomic_write_json(os.path.join(study_dir, "summary.json"), _json_safe(summary),
@@ -462,7 +475,12 @@ def write_summary(study_dir: str, config: dict | None = None) -> dict:
     return summary
 
 
-def load_summary(study_dir: str) -> dict | None:
+def normalized(summary: Summary) -> Summary:
+    """`summary` as load_summary returns it once written (non-finite floats, string keys)."""
+    return _restore(_json_safe(summary))
+
+
+def load_summary(study_dir: str) -> Summary | None:
     """summary.json of a study folder with its 'inf'/'nan' strings turned back into floats."""
     summary = read_json(os.path.join(study_dir, "summary.json"))
     return _restore(summary) if summary is not None else None

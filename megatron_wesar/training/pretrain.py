@@ -22,6 +22,7 @@ from ..config import WeSaRConfig
 from ..coordination import gather_stage_dicts
 from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
 from ..data.tokenizers import build_tokenizer
+from ..metric_keys import GATE_PREFIX
 from ..monitor import GateTrajectory, SpikeTracker, UpdateRatioMonitor
 from .arguments import PretrainArgs, parse_pretrain_args
 from .checkpointing import load_checkpoint, save_checkpoint
@@ -227,7 +228,7 @@ def format_progress(record: dict, train_iters: int) -> str:
     )
     if "update_ratio_spread" in record:
         line += f" | update-ratio spread {record['update_ratio_spread']:.2f}"
-    gates = [v for k, v in record.items() if k.startswith("gate/")]
+    gates = [v for k, v in record.items() if k.startswith(GATE_PREFIX)]
     if gates:
         line += f" | gates [{min(gates):.3f}, {max(gates):.3f}]"
     spikes = sum(v for k, v in record.items() if k.startswith("spike/"))

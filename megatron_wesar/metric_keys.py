@@ -1,0 +1,77 @@
+"""The names of the metric keys the monitors write and the study summary reads back.
+
+One metrics record is a flat dict (one JSONL line); megatron_wesar.monitor documents what each
+key holds. `<matrix>` is a module path such as `decoder.layers.3.self_attention.linear_qkv`,
+`<role>` one of megatron_wesar.init.ROLES, `<series>` one of SPIKE_SERIES and `<rule>` one of
+SPIKE_RULES.
+"""
+from __future__ import annotations
+
+from .init import ROLES
+
+SPIKE_SERIES = ("loss", "grad_norm")
+SPIKE_RULES = ("megatron", "zscore", "relmin")  # the names of monitor.default_rules, in order
+
+SPIKE_FLAG_PREFIX = "spike/"    # spike/<series>/<rule>: 1.0 when the rule flags this step
+SPIKE_COUNT_PREFIX = "spikes/"  # spikes/<series>/<rule>: spikes flagged so far
+GATE_PREFIX = "gate/"           # gate/<matrix>: the gate value
+TOKENS_PER_S = "tokens_per_s"
+
+# the per-matrix statistics: each has the keys <stat>/<matrix>, <stat>_mean/<role>, <stat>_spread
+UPDATE_RATIO = "update_ratio"
+WEIGHT_NORM = "weight_norm"
+WEIGHT_RMS = "weight_rms"
+
+# the module attribute (last component of <matrix>) that holds the matrix of each role
+MATRIX_ROLES = {
+    "linear_qkv": "qkv",
+    "linear_proj": "attn_proj",
+    "linear_fc1": "fc1",
+    "linear_fc2": "fc2",
+    "word_embeddings": "embedding",
+    "output_layer": "output",
+}
+assert sorted(MATRIX_ROLES.values()) == sorted(ROLES)
+
+
+def spike_flag_key(series: str, rule: str) -> str:
+    """spike/<series>/<rule>."""
+    return f"{SPIKE_FLAG_PREFIX}{series}/{rule}"
+
+
+def spike_count_key(series: str, rule: str) -> str:
+    """spikes/<series>/<rule>."""
+    return f"{SPIKE_COUNT_PREFIX}{series}/{rule}"
+
+
+def parse_spike_key(key: str, prefix: str):
+    """(series, rule) of a key `<prefix><series>/<rule>`, or None when `key` is not one."""
+    if not key.startswith(prefix):
+        return None
+    parts = key[len(prefix):].split("/")
+    return tuple(parts) if len(parts) == 2 else None
+
+
+def matrix_key(stat: str, matrix: str) -> str:
+    """<stat>/<matrix>."""
+    return f"{stat}/{matrix}"
+
+
+def role_mean_key(stat: str, role: str) -> str:
+    """<stat>_mean/<role>."""
+    return f"{stat}_mean/{role}"
+
+
+def spread_key(stat: str) -> str:
+    """<stat>_spread."""
+    return f"{stat}_spread"
+
+
+def role_of_matrix(matrix: str) -> str:
+    """The role of a matrix from its module path, or "other" for a module of no known role."""
+    return MATRIX_ROLES.get(matrix.rsplit(".", 1)[-1], "other")
+
+
+UPDATE_RATIO_SPREAD = spread_key(UPDATE_RATIO)
+WEIGHT_NORM_SPREAD = spread_key(WEIGHT_NORM)
+WEIGHT_RMS_SPREAD = spread_key(WEIGHT_RMS)

@@ -1,0 +1,79 @@
+"""The shape of summary.json: what `summary.summarize` returns and the report reads.
+
+TypedDicts (plain dicts at run time), declared in the order the summary writes their keys.
+Floats may be inf or nan in memory (a diverged run); summary.json stores those as strings.
+"""
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class RunSummary(TypedDict):
+    """One run (method, lr, seed): an entry of summary["runs"]."""
+
+    method: str
+    lr: float
+    seed: int
+    wesar: bool                     # gated (WeSaR) or a baseline
+    steps: int                      # optimizer steps in the metrics file
+    train_iters: int | None
+    final_train_loss: float | None
+    final_valid_loss: float | None
+    valid_curve: list               # [[iteration, valid loss], ...]
+    nonfinite_steps: int
+    spikes: dict                    # {series: {rule: count}}
+    spike_steps: dict               # {series: {rule: [flagged iterations]}}
+    max_grad_norm: float | None
+    max_loss_rise: float | None     # largest loss / running minimum of the loss
+    max_loss_rise_step: int | None
+    mean_grad_norm: float | None
+    steps_to_best_baseline: int | None
+    update_ratio_spread: float | None
+    update_ratio_mean: dict         # {role: mean update ratio}
+    update_ratio_rel_fc1: dict      # {role: mean of its update ratio / the reference role's}
+    weight_norm_spread_final: float | None
+    weight_rms_spread_final: float | None
+    gate_count: int
+    gate_max_rel_change: float | None
+    tokens_per_s: float | None
+    metrics_file: str               # relative to the study folder; added by summarize
+
+
+class GridCell(TypedDict):
+    """One (method, lr) over its seeds: an entry of summary["grid"][method][lr]."""
+
+    final_valid_loss: float | None  # seed mean; inf when a seed diverged
+    final_train_loss: float | None
+    seeds: list
+    valid_by_seed: list
+
+
+class MethodSummary(TypedDict):
+    """One method at its best LR: an entry of summary["methods"]."""
+
+    lr: float
+    final_valid_loss: float | None
+    final_train_loss: float | None
+    at_grid_edge: bool
+    edge: str | None                # "low", "high" or None
+    lrs: list                       # every LR the method ran at, ascending
+    baseline: bool
+
+
+class BestBaseline(TypedDict):
+    """The baseline (method, lr) with the lowest final validation loss."""
+
+    method: str
+    lr: float
+    final_valid_loss: float
+
+
+class Summary(TypedDict):
+    """A study's summary (summary.json)."""
+
+    config: dict                    # study.json
+    runs: list[RunSummary]
+    methods: dict[str, MethodSummary]
+    grid: dict[str, dict[str, GridCell]]  # {method: {format_lr(lr): cell}}
+    best_baseline: BestBaseline | None
+    baseline_methods: list
