@@ -1,11 +1,6 @@
-"""Test setup: the shared helpers (tests/distributed.py, ...) importable as top-level modules,
-and the rule that only tests marked `parallel` or `oracle` spawn process groups."""
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import distributed  # noqa: E402
+"""The rule that only tests marked `parallel` or `oracle` spawn process groups (helpers for
+the tests live in tests/helpers/)."""
+from tests.helpers import distributed
 
 
 def pytest_runtest_setup(item):

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_distributed
 
 from megatron_wesar import gate_reduce
+from tests.helpers.distributed import run_distributed
 
 _INT_VIEW = {
     torch.float32: torch.int32,

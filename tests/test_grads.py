@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-from distributed import run_distributed
-from oracle_harness import Case, build_case_model
+
+from tests.helpers.distributed import run_distributed
+from tests.helpers.oracle_harness import Case, build_case_model
 
 
 def _batch(case):
@@ -87,10 +88,10 @@ def test_deferred_gates_refuse_megatrons_stock_finalize():
 def _gate_param_groups(rank, world_size, gate_lr_mult):
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
-    from oracle_harness import transformer_config
 
     from megatron_wesar.config import WeSaRConfig
     from megatron_wesar.training.engine import build_engine, initialize_parallel
+    from tests.helpers.oracle_harness import transformer_config
 
     case = Case(dtype=torch.float32)
     initialize_parallel(1, 1, case.seed)

@@ -5,9 +5,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from distributed import run_distributed
-from gather import gather_canonical
-from oracle_harness import Case, build_case_model
+
+from tests.helpers.distributed import run_distributed
+from tests.helpers.gather import gather_canonical
+from tests.helpers.oracle_harness import Case, build_case_model
 
 ROLE_OF = {"qkv": "qkv", "proj": "attn_proj", "fc1": "fc1", "fc2": "fc2"}
 PAPER_SIGMA = math.sqrt(4e-5)

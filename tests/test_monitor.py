@@ -6,8 +6,6 @@ from functools import lru_cache
 
 import pytest
 import torch
-from distributed import run_distributed
-from oracle_harness import Case
 
 from megatron_wesar.monitor import (
     GateTrajectory,
@@ -18,6 +16,8 @@ from megatron_wesar.monitor import (
     ZScoreRule,
     default_rules,
 )
+from tests.helpers.distributed import run_distributed
+from tests.helpers.oracle_harness import Case
 
 STEPS = 2000
 
@@ -213,16 +213,21 @@ CASE = Case(tp=2, sp=True, dtype=torch.float32)
 
 
 def _tp2_rank(rank, world_size, case):
-    from gather import canonical_name, gather_canonical
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
-    from oracle_harness import _gpt_kwargs, _microbatches, transformer_config, wesar_config
 
     from megatron_wesar.training.engine import (
         build_engine,
         initialize_parallel,
         lm_forward_step,
         train_step,
+    )
+    from tests.helpers.gather import canonical_name, gather_canonical
+    from tests.helpers.oracle_harness import (
+        _gpt_kwargs,
+        _microbatches,
+        transformer_config,
+        wesar_config,
     )
 
     fake = _fake_run(rank, world_size)  # replicated and sharded weights on the world group

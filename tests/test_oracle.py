@@ -12,8 +12,9 @@ from functools import lru_cache
 
 import pytest
 import torch
-from distributed import run_distributed
-from oracle_harness import Case, run_megatron_case, run_reference_case
+
+from tests.helpers.distributed import run_distributed
+from tests.helpers.oracle_harness import Case, run_megatron_case, run_reference_case
 
 pytestmark = pytest.mark.oracle
 

@@ -17,7 +17,7 @@ from megatron_wesar.training.pretrain import (
     wesar_config_from_args,
 )
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 CONFIGS = {
     "wesar": wesar_config_from_args,
     "transformer": transformer_config_from_args,

@@ -1,5 +1,5 @@
 """The study runner, its summary and its report: the summary's numbers and the rendered report
-on a synthetic fixture study (tests/fixtures/study_small, see its generate.py), and one small
+on a synthetic fixture study (tests/study/fixtures/study_small, see its generate.py), and one small
 end-to-end study that trains through the driver."""
 import json
 import math
@@ -263,7 +263,7 @@ def _metrics_files(out_dir):
 
 @pytest.mark.parallel
 def test_small_study_end_to_end(tmp_path):
-    from distributed import run_distributed
+    from tests.helpers.distributed import run_distributed
 
     out_dir = str(tmp_path / "study")
     lines, again = run_distributed(_study, 1, out_dir, timeout=300)[0]

@@ -1,9 +1,9 @@
 """The pretraining driver on real gloo groups: every layout trains like the single process, and
 impossible layouts get clear errors."""
 import pytest
-from distributed import run_distributed
 
 from megatron_wesar.training.arguments import parse_pretrain_args
+from tests.helpers.distributed import run_distributed
 
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
         "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",

@@ -1,7 +1,7 @@
 """Checkpoints of the training driver (megatron_wesar.training.checkpointing).
 
-Every training run happens in a spawned gloo process (tests/distributed.py), through the driver
-`pretrain` with `--save` / `--save-interval` / `--load`:
+Every training run happens in a spawned gloo process (tests/helpers/distributed.py), through the
+driver `pretrain` with `--save` / `--save-interval` / `--load`:
 
 - resume: 4 steps + save + resume for 4 more == 8 uninterrupted steps, bitwise (losses, gates,
   every model and optimizer tensor of the final checkpoint, scheduler state);
@@ -24,7 +24,8 @@ import signal
 import time
 
 import pytest
-from distributed import run_distributed
+
+from tests.helpers.distributed import run_distributed
 
 TINY = [
     "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
@@ -318,7 +319,7 @@ def _blocked_save(argv, phase, marker):
     import megatron_wesar.training.pretrain as driver
     from megatron_wesar.training.arguments import parse_pretrain_args
 
-    torch.set_num_threads(1)  # as in tests/distributed.py: the same arithmetic as the reference
+    torch.set_num_threads(1)  # as in tests/helpers/distributed.py: the reference's arithmetic
     from megatron_wesar.compat import enable_cpu_compat
 
     enable_cpu_compat()

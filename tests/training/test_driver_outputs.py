@@ -10,9 +10,9 @@ import traceback
 
 import pytest
 import torch
-from distributed import run_distributed
 
 from megatron_wesar.training.arguments import parse_pretrain_args
+from tests.helpers.distributed import run_distributed
 
 SMALL = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
          "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2",

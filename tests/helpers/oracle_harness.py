@@ -13,8 +13,9 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from gather import distributed_optimizer_owned, gather_canonical
-from reference import ReferenceArch, ReferenceGPT, reference_adamw
+
+from tests.helpers.gather import distributed_optimizer_owned, gather_canonical
+from tests.helpers.reference import ReferenceArch, ReferenceGPT, reference_adamw
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_distributed
+
+from tests.helpers.distributed import run_distributed
 
 SEQ, MBS, HIDDEN, HEADS, VOCAB, LAYERS = 32, 2, 64, 4, 128, 2
 NUM_MB, STEPS, SEED = 2, 3, 1234
