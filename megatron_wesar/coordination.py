@@ -12,15 +12,13 @@ import torch.distributed as dist
 
 def on_rank0(fn: Callable):
     """Run `fn` on rank 0; every rank returns its result, or raises the error it raised."""
-    payload = [None]
+    payload = None
     if dist.get_rank() == 0:
         try:
-            payload[0] = (True, fn())
+            payload = (True, fn())
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            payload[0] = (False, err)
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(payload, src=0)
-    ok, value = payload[0]
+            payload = (False, err)
+    ok, value = broadcast_from_rank0(payload)
     if not ok:
         raise value
     return value
@@ -49,6 +47,8 @@ def agree(error: BaseException | None) -> None:
 
 def broadcast_from_rank0(value: Any) -> Any:
     """Rank 0's `value` (picklable), on every rank."""
+    if dist.get_world_size() == 1:
+        return value
     box = [value if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]

@@ -2,6 +2,7 @@
 entries of the gates, and clear errors for bad input."""
 import math
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
@@ -270,15 +271,12 @@ def _driver_initial_states(rank, world_size, argvs):
         states.append(gather_canonical(real_build(*args, **kwargs).module))
         raise _Built
 
-    driver.build_engine = build_and_stop
-    try:
+    with mock.patch.object(driver, "build_engine", build_and_stop):
         for argv in argvs:
             try:
                 driver.pretrain(parse_pretrain_args(argv), log=lambda line: None)
             except _Built:
                 parallel_state.destroy_model_parallel()
-    finally:
-        driver.build_engine = real_build
     return states
 
 

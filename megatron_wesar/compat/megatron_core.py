@@ -29,14 +29,8 @@ def prime_distributed_optimizer_state(optimizer) -> None:
     parameter there (DistributedOptimizer.state_dict: `assert len(steps) == 1`), which a fresh
     torch Adam does not have yet; with Apex or TE FusedAdam nothing is needed.
     """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
-            continue
-        inner = opt.optimizer
+    for opt in torch_adam_distributed_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, torch.optim.Optimizer):
             continue
         for group in inner.param_groups:
@@ -90,10 +84,15 @@ def restore_distributed_optimizer_steps(optimizer, steps: list) -> None:
                 state["step"] = torch.tensor(step, dtype=state["step"].dtype)
 
 
+def _registered_groups() -> list:
+    """Every process group torch.distributed knows, in creation order (its private registry:
+    torch 2.13 has no public listing)."""
+    return list(dist.distributed_c10d._world.pg_map)
+
+
 def process_groups() -> set:
-    """The process groups torch.distributed knows now (its private registry: there is no public
-    listing in torch 2.13)."""
-    return set(dist.distributed_c10d._world.pg_map)
+    """The process groups torch.distributed knows now."""
+    return set(_registered_groups())
 
 
 def destroy_process_groups_since(before: set) -> None:
@@ -103,6 +102,6 @@ def destroy_process_groups_since(before: set) -> None:
     in one process; with it, flat. The losses are unaffected.
     """
     world = dist.GroupMember.WORLD
-    for group in list(dist.distributed_c10d._world.pg_map):
+    for group in _registered_groups():
         if group not in before and group is not world:
             dist.destroy_process_group(group)

@@ -22,7 +22,7 @@ from ..config import WeSaRConfig
 from ..coordination import gather_stage_dicts
 from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
 from ..data.tokenizers import build_tokenizer
-from ..metric_keys import GATE_PREFIX
+from ..metric_keys import GATE_PREFIX, SPIKE_FLAG_PREFIX
 from ..monitor import GateTrajectory, SpikeTracker, UpdateRatioMonitor
 from .arguments import PretrainArgs, parse_pretrain_args
 from .checkpointing import load_checkpoint, save_checkpoint
@@ -231,7 +231,7 @@ def format_progress(record: dict, train_iters: int) -> str:
     gates = [v for k, v in record.items() if k.startswith(GATE_PREFIX)]
     if gates:
         line += f" | gates [{min(gates):.3f}, {max(gates):.3f}]"
-    spikes = sum(v for k, v in record.items() if k.startswith("spike/"))
+    spikes = sum(v for k, v in record.items() if k.startswith(SPIKE_FLAG_PREFIX))
     if spikes:
         line += f" | SPIKE ({int(spikes)} rules)"
     return line

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -223,14 +224,10 @@ def build_case_engine(case: Case):
         clip_grad=case.clip_grad,
         use_distributed_optimizer=case.distributed_optimizer,
     )
-    real_builder = engine_module.build_gpt_model
-    engine_module.build_gpt_model = _model_builder(case)
-    try:
+    with mock.patch.object(engine_module, "build_gpt_model", _model_builder(case)):
         engine = engine_module.build_engine(transformer_config(case), wesar_config(case),
                                             case.vocab_size, case.seq_len, optimizer_config,
                                             **_gpt_kwargs(case))
-    finally:
-        engine_module.build_gpt_model = real_builder
     if case.stock_finalize:
         engine.config.finalize_model_grads_func = stock_finalize_model_grads
     return engine

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import time
+from unittest import mock
 
 import pytest
 
@@ -70,14 +71,12 @@ def _pretrain(argv, stop_after_save=None, save_loaded=None):
             real_save(engine, iteration, save_loaded, log=lines.append)
         return iteration
 
-    driver.save_checkpoint, driver.train_step, driver.load_checkpoint = save, train_step, load
-    try:
-        driver.pretrain(parse_pretrain_args(TINY + list(argv)), log=lines.append)
-    except _Interrupted:
-        parallel_state.destroy_model_parallel()
-    finally:
-        driver.save_checkpoint, driver.train_step, driver.load_checkpoint = (
-            real_save, real_step, real_load)
+    with mock.patch.multiple(driver, save_checkpoint=save, train_step=train_step,
+                             load_checkpoint=load):
+        try:
+            driver.pretrain(parse_pretrain_args(TINY + list(argv)), log=lines.append)
+        except _Interrupted:
+            parallel_state.destroy_model_parallel()
     return losses, lines
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import traceback
+from unittest import mock
 
 import pytest
 import torch
@@ -51,11 +52,9 @@ def _run_pretrain(argv) -> dict:
         lrs.append(_group_lrs(engine))
         return real_step(engine, *args, **kwargs)
 
-    driver.build_engine, driver.train_step = build_engine, train_step
-    try:
+    with mock.patch.object(driver, "build_engine", build_engine), \
+            mock.patch.object(driver, "train_step", train_step):
         records = driver.pretrain(parse_pretrain_args(argv), log=lambda line: None)
-    finally:
-        driver.build_engine, driver.train_step = real_build, real_step
     model = engines[0].module
     lrs.append(_group_lrs(engines[0]))
     return {
