@@ -182,3 +182,12 @@ def test_a_drifted_launch_script_fails_the_check(tmp_path, script, old, new, err
     (tmp_path / script).write_text(text.replace(old, new))
     with pytest.raises(error):
         check_launch_script(tmp_path / script)
+
+
+def test_every_pretrain_flag_says_what_it_means():
+    """`pretrain --help` explains every option (argparse's own -h aside)."""
+    from megatron_wesar.training.arguments import build_parser
+
+    silent = [a.option_strings for a in build_parser()._actions
+              if a.option_strings != ["-h", "--help"] and not a.help]
+    assert silent == []

@@ -1,0 +1,27 @@
+"""The `megatron-wesar` command starts quietly: megatron-core's accelerator notices become one
+line, said once (not by other ranks, not again by torchrun's children)."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+NOTE = "note: Transformer Engine and apex not installed"
+
+
+def _help(**env):
+    """stderr of `python -m megatron_wesar pretrain --help` with `env` added."""
+    result = subprocess.run([sys.executable, "-m", "megatron_wesar", "pretrain", "--help"],
+                            capture_output=True, text=True, env={**os.environ, **env}, check=True)
+    return result.stderr
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("transformer_engine", "apex")),
+                    reason="the note is about Transformer Engine and apex being absent")
+def test_accelerator_notices_are_one_line_once():
+    first = _help()
+    assert first.count("note:") == 1 and NOTE in first
+    assert "UserWarning" not in first and "Apex is not installed" not in first
+    assert "note:" not in _help(RANK="1")  # other ranks stay silent
+    assert "note:" not in _help(MEGATRON_WESAR_ACCELERATOR_NOTICE_SAID="1")  # torchrun children
