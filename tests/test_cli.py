@@ -11,9 +11,13 @@ NOTE = "note: Transformer Engine and apex not installed"
 
 
 def _help(**env):
-    """stderr of `python -m megatron_wesar pretrain --help` with `env` added."""
+    """stderr of `python -m megatron_wesar pretrain --help` in a fresh environment (no notice
+    said yet, rank 0; earlier in-process CLI runs of this pytest session set the marker) with
+    `env` added."""
+    fresh = {k: v for k, v in os.environ.items()
+             if k not in ("MEGATRON_WESAR_ACCELERATOR_NOTICE_SAID", "RANK")}
     result = subprocess.run([sys.executable, "-m", "megatron_wesar", "pretrain", "--help"],
-                            capture_output=True, text=True, env={**os.environ, **env}, check=True)
+                            capture_output=True, text=True, env={**fresh, **env}, check=True)
     return result.stderr
 
 
