@@ -22,6 +22,8 @@ class WeSaRConfig:
         enabled: False builds the same model with the backbone init and no gates (the baseline).
         init_method_std: the std of the 'megatron' backbone (Megatron's --init-method-std).
         check_finite_gates: raise NonFiniteGateError when a gate is not finite at forward time.
+        share_glu_gates: with SwiGLU, one gate for linear_fc1's fused [W_gate; W_up] (YuLan-Mini's
+            choice) instead of one gate each (the paper's).
         defer_gate_grad_reduction: leave TP partial-sum gate gradients to the fused step-level
             reduction of megatron_wesar.grads.finalize_model_grads (True; it must then be the
             config's finalize_model_grads_func), or all-reduce each in backward (False).
@@ -36,6 +38,7 @@ class WeSaRConfig:
     enabled: bool = True
     init_method_std: float = 0.02
     check_finite_gates: bool = True
+    share_glu_gates: bool = False
     defer_gate_grad_reduction: bool = True
 
     def __post_init__(self):
