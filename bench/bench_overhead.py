@@ -54,20 +54,16 @@ MIN, MEDIAN, MAX = range(3)  # indices into spread()
 def _engine(args, variant):
     from megatron_wesar.data.corpus import BYTE_VOCAB_SIZE
     from megatron_wesar.training.engine import build_engine
-    from megatron_wesar.training.pretrain import (
-        optimizer_config_from_args,
-        transformer_config_from_args,
-        wesar_config_from_args,
-    )
+    from megatron_wesar.training.pretrain import build_optimizer_config, build_transformer_config
 
-    wesar = wesar_config_from_args(args)
+    wesar = args.wesar
     if variant == "baseline":
         wesar = replace(wesar, enabled=False)
     elif variant == "wesar_in_backward":
         wesar = replace(wesar, defer_gate_grad_reduction=False)
     return build_engine(
-        transformer_config_from_args(args), wesar, BYTE_VOCAB_SIZE, args.seq_length,
-        optimizer_config_from_args(args),
+        build_transformer_config(args), wesar, BYTE_VOCAB_SIZE, args.model.seq_length,
+        build_optimizer_config(args),
     )
 
 
@@ -121,15 +117,16 @@ def _worker(rank, argv, reps):
     from megatron_wesar.training.engine import initialize_parallel, train_step
 
     args = parse_pretrain_args(argv + PARALLEL)
-    initialize_parallel(2, 1, args.seed)
+    seq, micro, global_batch = (args.model.seq_length, args.training.micro_batch_size,
+                                args.training.global_batch_size)
+    initialize_parallel(2, 1, args.training.seed)
     engines = {v: _engine(args, v) for v in VARIANTS}
-    data = EmbeddedCorpus(args.seq_length, args.seed, max_bytes=2_000_000)
-    num_micro = args.global_batch_size // args.micro_batch_size
+    data = EmbeddedCorpus(seq, args.training.seed, max_bytes=2_000_000)
+    num_micro = global_batch // micro
 
     def step(variant, index):
-        batch = data.train_batch(index, args.global_batch_size)
-        train_step(engines[variant], microbatches(batch, 0, 1, args.micro_batch_size),
-                   num_micro, args.micro_batch_size, args.seq_length)
+        batch = data.train_batch(index, global_batch)
+        train_step(engines[variant], microbatches(batch, 0, 1, micro), num_micro, micro, seq)
 
     checks = _check_gate_reductions(engines, step, num_micro)
     times = {v: [] for v in VARIANTS}
@@ -143,7 +140,7 @@ def _worker(rank, argv, reps):
                 times[variant].append(elapsed)
     times = {variant: max_over_ranks(samples) for variant, samples in times.items()}
     parallel_state.destroy_model_parallel()
-    return times, args.global_batch_size * args.seq_length, checks
+    return times, global_batch * seq, checks
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .options import option, validate_options
+
 BACKBONES = ("he", "small", "megatron")
 DEFAULT_SIGMA = math.sqrt(4e-5)
 
@@ -12,48 +14,55 @@ DEFAULT_SIGMA = math.sqrt(4e-5)
 class WeSaRConfig:
     """Settings of weight scaling as reparameterization (Nishida et al., EMNLP 2024).
 
-    Attributes:
-        sigma: the ONE common std of every gated W_bar (paper default sqrt(4e-5)).
-        backbone: the init whose per-matrix std the gates carry: 'he', 'small' or 'megatron'.
-        gate_embedding: gate the word embedding (its gate starts at sigma_role / sigma).
-        gate_output_layer: gate the (untied or tied) output layer.
-        train_gates: whether the gates are trainable parameters.
-        gate_lr_mult: learning-rate multiplier of the gates relative to the base LR.
-        enabled: False builds the same model with the backbone init and no gates (the baseline).
-        init_method_std: the std of the 'megatron' backbone (Megatron's --init-method-std).
-        check_finite_gates: raise NonFiniteGateError when a gate is not finite at forward time.
-        share_glu_gates: with SwiGLU, one gate for linear_fc1's fused [W_gate; W_up] (YuLan-Mini's
-            choice) instead of one gate each (the paper's).
-        defer_gate_grad_reduction: leave TP partial-sum gate gradients to the fused step-level
-            reduction of megatron_wesar.grads.finalize_model_grads (True; it must then be the
-            config's finalize_model_grads_func), or all-reduce each in backward (False).
+    Each field's meaning is its `help` (dataclasses.fields(WeSaRConfig)[i].metadata["help"]),
+    shown by `megatron-wesar pretrain --help` next to its flag.
     """
 
-    sigma: float = DEFAULT_SIGMA
-    backbone: str = "he"
-    gate_embedding: bool = True
-    gate_output_layer: bool = True
-    train_gates: bool = True
-    gate_lr_mult: float = 1.0
-    enabled: bool = True
-    init_method_std: float = 0.02
-    check_finite_gates: bool = True
-    share_glu_gates: bool = False
-    defer_gate_grad_reduction: bool = True
+    enabled: bool = option(
+        True, "gate every matrix: W_eff = gate * W_bar; --no-wesar builds the same model with "
+        "the backbone init and no gates (the baseline)", flag="--wesar")
+    sigma: float = option(
+        DEFAULT_SIGMA, "the ONE common std of every gated W_bar (paper: sqrt(4e-5))",
+        flag="--wesar-sigma", positive=True)
+    backbone: str = option(
+        "he", "the init whose per-matrix stds the gates carry (or, with --no-wesar, the weights "
+        "get): he, small or megatron", choices=BACKBONES)
+    init_method_std: float = option(
+        0.02, "the std of the 'megatron' backbone (Megatron-LM's --init-method-std)",
+        positive=True)
+    gate_embedding: bool = option(
+        True, "gate the word embedding (its gate starts at sigma_role / sigma); "
+        "--no-wesar-gate-embedding draws it with its backbone std instead",
+        flag="--wesar-gate-embedding")
+    gate_output_layer: bool = option(
+        True, "gate the (untied or tied) output layer", flag="--wesar-gate-output-layer")
+    train_gates: bool = option(
+        True, "the gates are trainable parameters (else frozen at their initial values)",
+        flag="--wesar-train-gates")
+    gate_lr_mult: float = option(
+        1.0, "learning-rate multiplier of the gates relative to the base LR (through warm-up "
+        "and decay)", flag="--wesar-gate-lr-mult")
+    check_finite_gates: bool = option(
+        True, "raise NonFiniteGateError when a gate is not finite at forward time",
+        flag="--wesar-check-finite-gates")
+    share_glu_gates: bool = option(
+        False, "with SwiGLU, one gate for linear_fc1's fused [W_gate; W_up] (YuLan-Mini's "
+        "choice) instead of one gate each (the paper's)", flag="--wesar-share-glu-gates")
+    defer_gate_grad_reduction: bool = option(
+        True, "leave TP partial-sum gate gradients to the fused step-level reduction of "
+        "megatron_wesar.grads.finalize_model_grads (it must then be the config's "
+        "finalize_model_grads_func); --no-... all-reduces each in backward",
+        flag="--wesar-defer-gate-grad-reduction")
 
     def __post_init__(self):
-        sigma = self.sigma
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        validate_options(self)
+        if not math.isfinite(self.sigma):
             raise ValueError(f"WeSaRConfig.sigma must be a finite number > 0, got {self.sigma!r}")
-        if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"WeSaRConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}"
-            )
         if not (math.isfinite(self.gate_lr_mult) and self.gate_lr_mult >= 0):
             raise ValueError(
                 f"WeSaRConfig.gate_lr_mult must be a finite number >= 0, got {self.gate_lr_mult!r}"
             )
-        if not (math.isfinite(self.init_method_std) and self.init_method_std > 0):
+        if not math.isfinite(self.init_method_std):
             raise ValueError(
                 f"WeSaRConfig.init_method_std must be > 0, got {self.init_method_std!r}"
             )

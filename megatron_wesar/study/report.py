@@ -21,7 +21,7 @@ from .tables import table_best, table_grid, table_spikes, table_update_ratios
 
 
 def _header(summary: Summary, study: dict) -> str:
-    """The title, the setup, the grid of runs, the methods and any skipped or failed runs."""
+    """The title, the setup, the grid of runs, the methods and any failed runs."""
     config = summary.get("config") or study or {}
     lines = [f"# WeSaR study{': ' + config['preset'] if config.get('preset') else ''}", ""]
     if config.get("description"):
@@ -42,9 +42,6 @@ def _header(summary: Summary, study: dict) -> str:
     descriptions = config.get("method_descriptions", {})
     for m in methods:
         lines.append(f"- `{m}`: {descriptions.get(m, '')}".rstrip(": "))
-    skipped = config.get("skipped_methods") or {}
-    for name, why in skipped.items():
-        lines.append(f"- `{name}`: skipped ({why}).")
     if config.get("pretrain_args"):
         lines += ["", "Driver arguments shared by every run: `"
                   + " ".join(config["pretrain_args"]) + "`"]

@@ -1,7 +1,8 @@
 """`megatron-wesar study`: methods x peak learning rates x seeds through the pretraining driver.
 
 All runs share ONE process group: the command runs under torchrun (or starts it, like the demo)
-and every rank calls `pretrain(parse_pretrain_args(argv), log=...)` once per run, sequentially.
+and every rank calls `pretrain(config, log=...)` once per run, sequentially, with the run's
+PretrainConfig: the study preset's overrides, the method's, then its LR, seed and metrics file.
 pretrain sets up and tears down megatron's model-parallel state itself; between runs the
 runner destroys the process groups the run left behind (megatron's teardown keeps them, and
 each further run got slower) and collects garbage. Each run writes
@@ -22,45 +23,55 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 from ..compat.megatron_core import destroy_process_groups_since, process_groups
 from ..coordination import atomic_write_json, broadcast_from_rank0, gather_objects
+from ..options import to_argv
+from ..training.arguments import PretrainConfig, parse_overrides, pretrain_config
 from .summary import format_lr, load_metrics, run_name, write_summary
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method of the study: the driver arguments that select it."""
+    """A method of the study: the PretrainConfig overrides ({dotted path: value}) that select
+    it."""
 
-    args: tuple
+    overrides: dict
     baseline: bool
     description: str
 
 
+def _baseline(backbone: str) -> dict:
+    return {"wesar.enabled": False, "wesar.backbone": backbone}
+
+
 METHODS = {
-    "he": Method(("--no-wesar", "--init-method", "he"), True,
-                 "He init (the paper's default backbone), no gates"),
-    "small": Method(("--no-wesar", "--init-method", "small"), True,
-                    "Small init (Nguyen & Salazar 2019), no gates"),
-    "megatron": Method(("--no-wesar", "--init-method", "megatron"), True,
+    "he": Method(_baseline("he"), True, "He init (the paper's default backbone), no gates"),
+    "small": Method(_baseline("small"), True, "Small init (Nguyen & Salazar 2019), no gates"),
+    "megatron": Method(_baseline("megatron"), True,
                        "Megatron default init (std 0.02, residual outputs / sqrt(2N)), no gates"),
-    "wesar": Method(("--init-method", "he"), False,
+    "scaled-embed": Method(
+        {**_baseline("he"), "model.embedding_variant": "scaled-embed"}, True,
+        "Scaled Embed (Takase et al. 2023): He init, word embedding std sqrt(2/(5d)) and its "
+        "output x sqrt(d), no gates"),
+    "embed-ln": Method(
+        {**_baseline("he"), "model.embedding_variant": "embed-ln"}, True,
+        "Embed LN (Le Scao et al. 2022): He init, a LayerNorm right after the embedding, no "
+        "gates"),
+    "wesar": Method({"wesar.enabled": True, "wesar.backbone": "he"}, False,
                     "WeSaR on the He backbone: one common sigma (sigma^2 = 4e-5), trainable gates"),
-}
-# the paper's embedding-side baselines; the driver has no switch for them yet
-SKIPPED_METHODS = {
-    "scaled-embed": "Scaled Embed (embeddings x sqrt(d)): not implemented in the driver",
-    "embed-ln": "Embed LN (LayerNorm after the embedding): not implemented in the driver",
 }
 
 
 @dataclass(frozen=True)
 class StudyPreset:
-    """A named study: the driver arguments every run shares, and the grid."""
+    """A named study: the model preset and PretrainConfig overrides every run shares, and the
+    grid."""
 
-    pretrain_args: tuple
+    model_preset: str
+    overrides: dict
     methods: tuple
     lrs: tuple
     seeds: tuple
@@ -72,12 +83,13 @@ class StudyPreset:
 STUDY_PRESETS = {
     # `make demo`: must finish in <= 10 minutes on 2 CPU cores including start-up.
     "tiny": StudyPreset(
-        pretrain_args=(
-            "--preset", "tiny", "--tensor-model-parallel-size", "2",
-            "--seq-length", "64", "--micro-batch-size", "16", "--global-batch-size", "16",
-            "--train-iters", "100", "--lr-warmup-iters", "10", "--log-interval", "10",
-            "--eval-interval", "20", "--eval-iters", "4",
-        ),
+        model_preset="tiny",
+        overrides={
+            "parallel.tensor_model_parallel_size": 2, "model.seq_length": 64,
+            "training.micro_batch_size": 16, "training.global_batch_size": 16,
+            "training.train_iters": 100, "training.lr_warmup_iters": 10,
+            "logging.log_interval": 10, "logging.eval_interval": 20, "logging.eval_iters": 4,
+        },
         methods=("he", "small", "megatron", "wesar"),
         lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
         seeds=(1,),
@@ -114,12 +126,13 @@ STUDY_PRESETS = {
     ),
     # the setup of docs/tiny-scale-findings.md through the driver (hours on 2 CPU cores)
     "tiny-long": StudyPreset(
-        pretrain_args=(
-            "--preset", "tiny", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-            "--train-iters", "800", "--lr-warmup-iters", "40", "--log-interval", "10",
-            "--eval-interval", "100", "--eval-iters", "8",
-        ),
-        methods=("he", "small", "megatron", "wesar"),
+        model_preset="tiny",
+        overrides={
+            "parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True,
+            "training.train_iters": 800, "training.lr_warmup_iters": 40,
+            "logging.log_interval": 10, "logging.eval_interval": 100, "logging.eval_iters": 8,
+        },
+        methods=("he", "small", "megatron", "scaled-embed", "embed-ln", "wesar"),
         lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
         seeds=(1, 2),
         nproc=2,
@@ -138,7 +151,8 @@ class StudyConfig:
 
     out_dir: str
     preset: str | None
-    pretrain_args: list
+    model_preset: str
+    overrides: dict  # PretrainConfig overrides every run shares ({dotted path: value})
     methods: list
     lrs: list
     seeds: list
@@ -147,17 +161,22 @@ class StudyConfig:
     rationale: str = ""
     rerun: bool = False
     report: bool = True
-    skipped_methods: dict = field(default_factory=lambda: dict(SKIPPED_METHODS))
 
     def plan(self) -> list:
         """(method, lr, seed) of every run, seed-major then LR then method, so that each
         learning rate's comparison completes before the next one starts."""
         return [(m, lr, s) for s in self.seeds for lr in self.lrs for m in self.methods]
 
-    def run_argv(self, method: str, lr: float, seed: int) -> list:
-        """The driver's argv of one run."""
-        return [*self.pretrain_args, *METHODS[method].args, "--lr", repr(float(lr)),
-                "--seed", str(seed), "--metrics-file", self.metrics_path(method, lr, seed)]
+    def run_config(self, method: str, lr: float, seed: int) -> PretrainConfig:
+        """The PretrainConfig of one run (ValueError when the overrides are invalid)."""
+        return pretrain_config({
+            **self.overrides, **METHODS[method].overrides, "training.lr": float(lr),
+            "training.seed": seed, "logging.metrics_file": self.metrics_path(method, lr, seed),
+        }, self.model_preset)
+
+    def pretrain_args(self) -> list:
+        """The `pretrain` flags every run shares (as the report shows them)."""
+        return ["--preset", self.model_preset, *to_argv(PretrainConfig, self.overrides)]
 
     def run_dir(self, method: str, lr: float, seed: int) -> str:
         return os.path.join(self.out_dir, "runs", run_name(method, lr, seed))
@@ -167,6 +186,7 @@ class StudyConfig:
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
+        out["pretrain_args"] = self.pretrain_args()
         out["method_descriptions"] = {m: METHODS[m].description for m in self.methods}
         out["baselines"] = [m for m in self.methods if METHODS[m].baseline]
         return out
@@ -187,10 +207,6 @@ def _names(text: str) -> list:
     names = [x for x in text.replace(",", " ").split()]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
-        skipped = [n for n in unknown if n in SKIPPED_METHODS]
-        if skipped:
-            raise argparse.ArgumentTypeError(
-                "; ".join(SKIPPED_METHODS[n] for n in skipped))
         raise argparse.ArgumentTypeError(
             f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
     return names
@@ -228,14 +244,16 @@ def parse_study_args(argv=None) -> StudyConfig:
         argv, extra = argv[:cut], argv[cut + 1:]
     ns = build_parser().parse_args(argv)
     preset = STUDY_PRESETS[ns.preset]
-    pretrain_args = list(preset.pretrain_args)
+    overrides = dict(preset.overrides)
     if ns.train_iters is not None:
-        pretrain_args += ["--train-iters", str(ns.train_iters)]
-    pretrain_args += extra
+        overrides["training.train_iters"] = ns.train_iters
+    model_preset, extra_overrides = parse_overrides(extra)
+    overrides.update(extra_overrides)
     return StudyConfig(
         out_dir=os.path.abspath(ns.dir or os.path.join("out", f"study-{ns.preset}")),
         preset=ns.preset,
-        pretrain_args=pretrain_args,
+        model_preset=model_preset or preset.model_preset,
+        overrides=overrides,
         methods=ns.methods or list(preset.methods),
         lrs=ns.lrs or list(preset.lrs),
         seeds=ns.seeds or list(preset.seeds),
@@ -262,27 +280,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def _args_dict(args) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(args)))
-
-
-def is_complete(path: str, args) -> bool:
-    """Whether `path` holds a finished run of exactly these driver arguments."""
+def is_complete(path: str, run_config: PretrainConfig) -> bool:
+    """Whether `path` holds a finished run of exactly this configuration."""
     if not os.path.isfile(path):
         return False
     try:
         metrics = load_metrics(path)
     except (OSError, ValueError):
         return False
-    expected = _args_dict(args)
-    if not metrics.header or any(metrics.header.get(k) != v for k, v in expected.items()):
+    if metrics.header != json.loads(json.dumps(dataclasses.asdict(run_config))):
         return False
-    if not metrics.steps or metrics.steps[-1]["iteration"] != args.train_iters:
+    if not metrics.steps or metrics.steps[-1]["iteration"] != run_config.training.train_iters:
         return False
-    eval_interval = getattr(args, "eval_interval", None)
-    if eval_interval and not metrics.evals:
-        return False
-    return True
+    return not (run_config.logging.eval_interval and not metrics.evals)
 
 
 def _last_valid(path: str):
@@ -298,36 +308,32 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
     rank 0 writes summary.json and the report and returns the summary, other ranks None."""
     import torch.distributed as dist
 
-    from ..training.arguments import parse_pretrain_args
     from ..training.pretrain import init_distributed, pretrain
 
     init_distributed()
     rank = dist.get_rank()
     plan = config.plan()
-    # validate every run's arguments before training anything
-    argvs = {key: config.run_argv(*key) for key in plan}
-    parsed = {key: parse_pretrain_args(argv) for key, argv in argvs.items()}
-    for args in parsed.values():
-        args.data_parallel_size(dist.get_world_size())  # ValueError on an impossible layout
+    # validate every run's configuration before training anything
+    run_configs = {key: config.run_config(*key) for key in plan}
+    for run_config in run_configs.values():
+        run_config.data_parallel_size(dist.get_world_size())  # ValueError: impossible layout
     if rank == 0:
         os.makedirs(os.path.join(config.out_dir, "runs"), exist_ok=True)
         atomic_write_json(os.path.join(config.out_dir, "study.json"), config.to_json())
         log(f"study: {len(config.methods)} methods x {len(config.lrs)} learning rates x "
             f"{len(config.seeds)} seed(s) = {len(plan)} runs on {dist.get_world_size()} rank(s) "
             f"-> {config.out_dir}")
-        if config.skipped_methods:
-            log("skipped: " + "; ".join(config.skipped_methods.values()))
     dist.barrier()
     start = time.perf_counter()
     timings, failures = {}, {}
     for index, key in enumerate(plan):
         method, lr, seed = key
         run_dir, metrics_path = config.run_dir(*key), config.metrics_path(*key)
-        args = parsed[key]
+        run_config = run_configs[key]
         skip = False
         if rank == 0:
             os.makedirs(run_dir, exist_ok=True)
-            skip = not config.rerun and is_complete(metrics_path, args)
+            skip = not config.rerun and is_complete(metrics_path, run_config)
             if not skip:
                 for name in ("metrics.jsonl", "error.txt", "log.txt"):
                     if os.path.exists(os.path.join(run_dir, name)):
@@ -341,7 +347,7 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
             error = None
             log_file = open(os.path.join(run_dir, "log.txt"), "w") if rank == 0 else None
             try:
-                pretrain(args, log=partial(print, file=log_file, flush=True)
+                pretrain(run_config, log=partial(print, file=log_file, flush=True)
                          if log_file else (lambda line: None))
             except Exception:  # noqa: BLE001 - a failed run is recorded, the study goes on
                 error = traceback.format_exc()

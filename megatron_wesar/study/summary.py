@@ -231,6 +231,21 @@ def steps_to_target(evals: list, target):
     return None
 
 
+# the flat argument names of metrics headers written before the config tree
+_FLAT_HEADER_NAMES = {"wesar.enabled": "wesar", "training.train_iters": "train_iters"}
+
+
+def run_setting(header: dict, path: str, default):
+    """A setting of a run from its metrics header ({"run": ...}): the config tree's dotted
+    `path`, or its flat name in headers written before the tree; `default` when absent."""
+    node = header
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return header.get(_FLAT_HEADER_NAMES.get(path), default) if header else default
+        node = node[key]
+    return node
+
+
 def _role_means(logged: list, stat: str) -> dict:
     """{role: mean over the logged steps of <stat>_mean/<role>} of the roles that have one."""
     out = {}
@@ -292,9 +307,9 @@ def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> Run
         "method": method,
         "lr": lr,
         "seed": seed,
-        "wesar": header.get("wesar", method == "wesar") if header else method == "wesar",
+        "wesar": run_setting(header, "wesar.enabled", method == "wesar"),
         "steps": len(steps),
-        "train_iters": header.get("train_iters") if header else None,
+        "train_iters": run_setting(header, "training.train_iters", None),
         "final_train_loss": final_train_loss(steps),
         "final_valid_loss": final_valid_loss(metrics.evals),
         "valid_curve": [[i, v] for i, v in metrics.evals],

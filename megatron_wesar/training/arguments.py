@@ -1,259 +1,270 @@
-"""Command-line arguments of `megatron-wesar pretrain` (Megatron-LM names) and model presets."""
+"""The configuration of `megatron-wesar pretrain`: one tree of frozen dataclasses.
+
+    PretrainConfig
+      model       ModelConfig        shape, positions, norm, MLP, precision
+      wesar       WeSaRConfig        the method (megatron_wesar.config)
+      training    TrainingConfig     batch, schedule, optimizer, seed
+      parallel    ParallelConfig     TP, PP, SP, distributed optimizer
+      data        DataConfig         indexed datasets or the embedded corpus
+      checkpoint  CheckpointConfig   save / load
+      logging     LoggingConfig      progress, metrics, evaluation
+
+Every leaf is a command-line option (megatron_wesar.options): its help is the field's docstring
+and its flag Megatron-LM's name where Megatron-LM has one. A model preset (--preset) and the
+study presets are overrides of this tree ({dotted path: value}); an explicit flag beats the
+preset, the preset beats the field's default.
+"""
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from ..config import BACKBONES, DEFAULT_SIGMA
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Model shape and batch defaults of a named size."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    ffn_hidden_size: int
-    seq_length: int
-    micro_batch_size: int
-    global_batch_size: int
-    train_iters: int
-    lr: float
-
-
-# Shapes of the paper's sizes follow GPT-3 / Megatron conventions (d_ff = 4d, head dim 64 or 128);
-# 130m: 12 x 768 (GPT-3 Small); 1.3b: 24 x 2048 (GPT-3 XL); 13b: 40 x 5120 (GPT-3 13B).
-# Batch sizes give the paper's 1M tokens per step at seq 2048 (512 x 2048).
-PRESETS = {
-    "tiny": Preset(4, 128, 4, 512, 128, 8, 16, 200, 1e-3),
-    "130m": Preset(12, 768, 12, 3072, 2048, 4, 512, 20000, 1e-3),
-    "1.3b": Preset(24, 2048, 16, 8192, 2048, 2, 512, 20000, 1e-3),
-    "13b": Preset(40, 5120, 40, 20480, 2048, 1, 512, 20000, 1e-3),
-}
-
-
-class _DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Help that states each option's default value (switches and preset-filled ones aside)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        if default is None or default is argparse.SUPPRESS or isinstance(default, bool) \
-                or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `pretrain` argument parser."""
-    p = argparse.ArgumentParser(prog="megatron-wesar pretrain", description=__doc__,
-                                formatter_class=_DefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                   help="model size whose shape and batch defaults fill unset arguments")
-    g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, help="transformer layers N (default: the preset's)")
-    g.add_argument("--hidden-size", type=int, help="hidden size d (default: the preset's)")
-    g.add_argument("--ffn-hidden-size", type=int,
-                   help="MLP hidden size d_ff (default: the preset's, 4d)")
-    g.add_argument("--num-attention-heads", type=int,
-                   help="attention heads (default: the preset's)")
-    g.add_argument("--seq-length", type=int, help="tokens per sample (default: the preset's)")
-    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GeLU")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"],
-                   default="learned_absolute", help="learned positions or rotary embeddings")
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm",
-                   help="the pre-LN norm")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
-                   help="a separate output-layer matrix (default: tied to the word embedding; "
-                        "the two keep separate gates either way)")
-    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fp32 master weights)")
-    g = p.add_argument_group("WeSaR")
-    g.add_argument("--wesar", dest="wesar", action="store_true", default=True,
-                   help="gate every matrix: W_eff = gate * W_bar (the default)")
-    g.add_argument("--no-wesar", dest="wesar", action="store_false",
-                   help="the same model with the backbone init and no gates (baseline)")
-    g.add_argument("--wesar-sigma", type=float, default=DEFAULT_SIGMA,
-                   help="the one common std of every gated W_bar (paper: sqrt(4e-5))")
-    g.add_argument("--init-method", choices=BACKBONES, default="he",
-                   help="backbone init whose per-matrix stds the gates carry (or, with "
-                        "--no-wesar, the weights get)")
-    g.add_argument("--init-method-std", type=float, default=0.02,
-                   help="the std of the 'megatron' backbone")
-    g.add_argument("--wesar-gate-lr-mult", type=float, default=1.0,
-                   help="learning-rate multiplier of the gates (through warm-up and decay)")
-    g.add_argument("--wesar-no-embedding-gate", action="store_true",
-                   help="leave the word embedding ungated (drawn with its backbone std)")
-    g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int,
-                   help="samples per microbatch (default: the preset's)")
-    g.add_argument("--global-batch-size", type=int,
-                   help="samples per optimizer step over all data-parallel ranks "
-                        "(default: the preset's)")
-    g.add_argument("--train-iters", type=int,
-                   help="optimizer steps, also the LR decay length (default: the preset's)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
-    g.add_argument("--min-lr", type=float, default=None,
-                   help="learning rate at the end of the cosine decay (default: 0.1 x --lr)")
-    g.add_argument("--lr-warmup-iters", type=int, default=None,
-                   help="linear warm-up steps from 0 (default: --train-iters // 20, at least 1)")
-    g.add_argument("--weight-decay", type=float, default=0.1,
-                   help="decoupled weight decay of the matrices (never of gates, biases, norms)")
-    g.add_argument("--clip-grad", type=float, default=1.0,
-                   help="clip the global gradient norm to this (0: no clipping)")
-    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
-    g.add_argument("--adam-beta2", type=float, default=0.95, help="Adam beta2")
-    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
-    g.add_argument("--seed", type=int, default=1234,
-                   help="seed of the initial weights and of the data order")
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                   help="tensor-parallel ranks per model replica")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="pipeline stages (must divide --num-layers)")
-    g.add_argument("--sequence-parallel", action="store_true",
-                   help="shard activations along the sequence over the TP group (needs TP > 1)")
-    g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="shard the optimizer state over data-parallel ranks")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=None,
-                   help="Megatron indexed dataset prefixes, optionally weighted "
-                        "('0.3 a 0.7 b'); default: the embedded byte corpus")
-    g.add_argument("--split", default="98,2,0", help="train,valid,test split of --data-path")
-    g.add_argument("--tokenizer-file", default=None,
-                   help="Hugging Face tokenizer.json of --data-path (default: byte tokenizer)")
-    g.add_argument("--data-cache-path", default=None,
-                   help="where megatron caches the sample indices of --data-path")
-    g = p.add_argument_group("logging and evaluation")
-    g.add_argument("--log-interval", type=int, default=10,
-                   help="progress line and monitors every this many iterations")
-    g.add_argument("--eval-interval", type=int, default=None,
-                   help="validation every this many iterations (and after the last)")
-    g.add_argument("--eval-iters", type=int, default=4, help="validation batches per evaluation")
-    g.add_argument("--metrics-file", default=None, help="JSONL metrics of the run")
-    g.add_argument("--tensorboard-dir", default=None,
-                   help="also write the metrics as TensorBoard scalars here")
-    g = p.add_argument_group("checkpointing")
-    g.add_argument("--save", type=str, default=None,
-                   help="directory to save checkpoints to (iter_NNNNNNN/ + tracker file)")
-    g.add_argument("--save-interval", type=int, default=None,
-                   help="save every this many iterations (and always at the end)")
-    g.add_argument("--load", type=str, default=None,
-                   help="resume from the latest checkpoint in this directory (or from one "
-                        "iter_NNNNNNN/ directory); the same directory as --save starts from "
-                        "scratch while it holds no checkpoint yet")
-    return p
+from ..config import WeSaRConfig
+from ..embedding_variants import EMBEDDING_VARIANTS
+from ..options import add_options, option, replace_path, section, validate_options
 
 
 @dataclass(frozen=True)
-class PretrainArgs:
-    """Validated pretraining arguments (preset defaults filled in)."""
+class ModelConfig:
+    """The GPT model's shape and numerics."""
 
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    seq_length: int
-    swiglu: bool
-    position_embedding_type: str
-    normalization: str
-    untie_embeddings_and_output_weights: bool
-    bf16: bool
-    wesar: bool
-    wesar_sigma: float
-    init_method: str
-    init_method_std: float
-    wesar_gate_lr_mult: float
-    wesar_no_embedding_gate: bool
-    micro_batch_size: int
-    global_batch_size: int
-    train_iters: int
-    lr: float
-    min_lr: float
-    lr_warmup_iters: int
-    weight_decay: float
-    clip_grad: float
-    adam_beta1: float
-    adam_beta2: float
-    adam_eps: float
-    seed: int
-    tensor_model_parallel_size: int
-    pipeline_model_parallel_size: int
-    sequence_parallel: bool
-    use_distributed_optimizer: bool
-    log_interval: int
-    preset: str = "tiny"
-    data_path: list | None = None
-    split: str = "98,2,0"
-    tokenizer_file: str | None = None
-    data_cache_path: str | None = None
-    eval_interval: int | None = None
-    eval_iters: int = 4
-    metrics_file: str | None = None
-    tensorboard_dir: str | None = None
-    # checkpointing
-    save: str | None = None
-    save_interval: int | None = None
-    load: str | None = None
+    num_layers: int = option(4, "transformer layers N", positive=True, preset_filled=True)
+    hidden_size: int = option(128, "hidden size d", positive=True, preset_filled=True)
+    ffn_hidden_size: int = option(512, "MLP hidden size d_ff (4d in the presets)",
+                                  positive=True, preset_filled=True)
+    num_attention_heads: int = option(4, "attention heads", positive=True, preset_filled=True)
+    seq_length: int = option(128, "tokens per sample", positive=True, preset_filled=True)
+    swiglu: bool = option(False, "SwiGLU MLP instead of GeLU")
+    position_embedding_type: str = option(
+        "learned_absolute", "learned positions or rotary embeddings",
+        choices=("learned_absolute", "rope"))
+    normalization: str = option("LayerNorm", "the pre-LN norm", choices=("LayerNorm", "RMSNorm"))
+    untie_embeddings_and_output_weights: bool = option(
+        False, "a separate output-layer matrix (else tied to the word embedding; the two keep "
+        "separate gates either way)")
+    bf16: bool = option(False, "bf16 mixed precision (fp32 master weights)")
+    embedding_variant: str = option(
+        "none", "an embedding-side baseline for an ungated embedding: scaled-embed (output x "
+        "sqrt(d), std sqrt(2/(5d)); Takase et al. 2023) or embed-ln (a norm after the "
+        "embedding; Le Scao et al. 2022)", choices=EMBEDDING_VARIANTS)
 
     def __post_init__(self):
-        positive = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                    "seq_length", "micro_batch_size", "global_batch_size", "train_iters",
-                    "tensor_model_parallel_size", "pipeline_model_parallel_size", "log_interval")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} must be > 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.eval_interval is not None and self.eval_interval <= 0:
-            raise ValueError(f"--eval-interval must be > 0, got {self.eval_interval}")
-        if self.eval_iters <= 0:
-            raise ValueError(f"--eval-iters must be > 0, got {self.eval_iters}")
+        validate_options(self)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Batch, learning-rate schedule, optimizer and seed."""
+
+    micro_batch_size: int = option(8, "samples per microbatch", positive=True,
+                                   preset_filled=True)
+    global_batch_size: int = option(
+        16, "samples per optimizer step over all data-parallel ranks", positive=True,
+        preset_filled=True)
+    train_iters: int = option(200, "optimizer steps, also the LR decay length", positive=True,
+                              preset_filled=True)
+    lr: float = option(1e-3, "peak learning rate", positive=True, preset_filled=True)
+    min_lr: float | None = option(
+        None, "learning rate at the end of the cosine decay (default: 0.1 x --lr)", type=float)
+    lr_warmup_iters: int | None = option(
+        None, "linear warm-up steps from 0 (default: --train-iters // 20, at least 1)", type=int)
+    weight_decay: float = option(
+        0.1, "decoupled weight decay of the matrices (never of gates, biases, norms)")
+    clip_grad: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.95, "Adam beta2")
+    adam_eps: float = option(1e-8, "Adam epsilon")
+    seed: int = option(1234, "seed of the initial weights and of the data order")
+
+    def __post_init__(self):
+        validate_options(self)
+        if not math.isfinite(self.lr):
+            raise ValueError(f"--lr must be finite, got {self.lr}")
+
+    @property
+    def effective_min_lr(self) -> float:
+        """--min-lr, or 0.1 x --lr when unset."""
+        return 0.1 * self.lr if self.min_lr is None else self.min_lr
+
+    @property
+    def effective_lr_warmup_iters(self) -> int:
+        """--lr-warmup-iters, or --train-iters // 20 (at least 1) when unset."""
+        if self.lr_warmup_iters is None:
+            return max(1, self.train_iters // 20)
+        return self.lr_warmup_iters
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model and its optimizer are split over ranks."""
+
+    tensor_model_parallel_size: int = option(1, "tensor-parallel ranks per model replica",
+                                             positive=True)
+    pipeline_model_parallel_size: int = option(1, "pipeline stages (must divide --num-layers)",
+                                               positive=True)
+    sequence_parallel: bool = option(
+        False, "shard activations along the sequence over the TP group (needs TP > 1)")
+    use_distributed_optimizer: bool = option(
+        False, "shard the optimizer state over data-parallel ranks")
+
+    def __post_init__(self):
+        validate_options(self)
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-        if self.save_interval is not None and self.save_interval <= 0:
-            raise ValueError(f"--save-interval must be > 0, got {self.save_interval}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training and validation data."""
+
+    data_path: tuple | None = option(
+        None, "Megatron indexed dataset prefixes, optionally weighted ('0.3 a 0.7 b'); "
+        "default: the embedded byte corpus", type=str, nargs="+")
+    split: str = option("98,2,0", "train,valid,test split of --data-path")
+    tokenizer_file: str | None = option(
+        None, "Hugging Face tokenizer.json of --data-path (default: byte tokenizer)", type=str)
+    data_cache_path: str | None = option(
+        None, "where megatron caches the sample indices of --data-path", type=str)
+
+    def __post_init__(self):
+        if self.data_path is not None:
+            object.__setattr__(self, "data_path", tuple(self.data_path))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where checkpoints are saved and loaded."""
+
+    save: str | None = option(
+        None, "directory to save checkpoints to (iter_NNNNNNN/ + tracker file)", type=str)
+    save_interval: int | None = option(
+        None, "save every this many iterations (and always at the end)", type=int,
+        positive=True)
+    load: str | None = option(
+        None, "resume from the latest checkpoint in this directory (or from one iter_NNNNNNN/ "
+        "directory); the same directory as --save starts from scratch while it holds no "
+        "checkpoint yet", type=str)
+
+    def __post_init__(self):
+        validate_options(self)
         if self.save_interval is not None and not self.save:
             raise ValueError("--save-interval needs --save DIR")
-        if self.num_layers % self.pipeline_model_parallel_size:
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Progress lines, metrics files and evaluation."""
+
+    log_interval: int = option(10, "progress line and monitors every this many iterations",
+                               positive=True)
+    eval_interval: int | None = option(
+        None, "validation every this many iterations (and after the last)", type=int,
+        positive=True)
+    eval_iters: int = option(4, "validation batches per evaluation", positive=True)
+    metrics_file: str | None = option(None, "JSONL metrics of the run", type=str)
+    tensorboard_dir: str | None = option(
+        None, "also write the metrics as TensorBoard scalars here", type=str)
+
+    def __post_init__(self):
+        validate_options(self)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything one pretraining run needs (see the module docstring)."""
+
+    model: ModelConfig = section(ModelConfig)
+    wesar: WeSaRConfig = section(WeSaRConfig)
+    training: TrainingConfig = section(TrainingConfig)
+    parallel: ParallelConfig = section(ParallelConfig)
+    data: DataConfig = section(DataConfig)
+    checkpoint: CheckpointConfig = section(CheckpointConfig)
+    logging: LoggingConfig = section(LoggingConfig)
+
+    def __post_init__(self):
+        if self.model.num_layers % self.parallel.pipeline_model_parallel_size:
             raise ValueError(
-                f"--num-layers {self.num_layers} is not divisible by "
-                f"--pipeline-model-parallel-size {self.pipeline_model_parallel_size}"
+                f"--num-layers {self.model.num_layers} is not divisible by "
+                f"--pipeline-model-parallel-size {self.parallel.pipeline_model_parallel_size}"
             )
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for `world_size` ranks; ValueError when the layout is impossible."""
-        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if world_size % model_parallel:
+        tp = self.parallel.tensor_model_parallel_size
+        pp = self.parallel.pipeline_model_parallel_size
+        if world_size % (tp * pp):
             raise ValueError(
                 f"world size {world_size} is not a multiple of tensor-model-parallel size "
-                f"{self.tensor_model_parallel_size} x pipeline-model-parallel size "
-                f"{self.pipeline_model_parallel_size}"
+                f"{tp} x pipeline-model-parallel size {pp}"
             )
-        dp = world_size // model_parallel
-        if self.global_batch_size % (self.micro_batch_size * dp):
+        dp = world_size // (tp * pp)
+        micro, global_ = self.training.micro_batch_size, self.training.global_batch_size
+        if global_ % (micro * dp):
             raise ValueError(
-                f"--global-batch-size {self.global_batch_size} is not divisible by "
-                f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp}"
+                f"--global-batch-size {global_} is not divisible by "
+                f"--micro-batch-size {micro} x data-parallel size {dp}"
             )
         return dp
 
 
-def parse_pretrain_args(argv=None) -> PretrainArgs:
-    """Parse `argv`, fill unset values from the preset, validate."""
-    ns = build_parser().parse_args(argv)
-    preset = PRESETS[ns.preset]
-    values = vars(ns)
-    for f in fields(Preset):
-        if values.get(f.name) is None:
-            values[f.name] = getattr(preset, f.name)
-    if values["min_lr"] is None:
-        values["min_lr"] = 0.1 * values["lr"]
-    if values["lr_warmup_iters"] is None:
-        values["lr_warmup_iters"] = max(1, values["train_iters"] // 20)
+def _paper_size(num_layers: int, hidden_size: int, num_attention_heads: int,
+                micro_batch_size: int) -> dict:
+    """Overrides of a paper-size preset: d_ff = 4d, sequence 2048, untied embedding and output
+    (as the paper's models), 512 sequences (1M tokens) per step, 20000 steps at the default peak
+    LR."""
+    return {
+        "model.num_layers": num_layers, "model.hidden_size": hidden_size,
+        "model.num_attention_heads": num_attention_heads, "model.ffn_hidden_size": 4 * hidden_size,
+        "model.seq_length": 2048, "model.untie_embeddings_and_output_weights": True,
+        "training.micro_batch_size": micro_batch_size,
+        "training.global_batch_size": 512, "training.train_iters": 20000,
+    }
+
+
+# Model presets as overrides of the defaults (the defaults are the tiny model). Shapes of the
+# paper's sizes follow GPT-3 / Megatron conventions (head dim 64 or 128): 130m: 12 x 768 (GPT-3
+# Small); 1.3b: 24 x 2048 (GPT-3 XL); 13b: 40 x 5120 (GPT-3 13B).
+PRESETS = {
+    "tiny": {},
+    "130m": _paper_size(12, 768, 12, 4),
+    "1.3b": _paper_size(24, 2048, 16, 2),
+    "13b": _paper_size(40, 5120, 40, 1),
+}
+
+
+def pretrain_config(overrides: dict | None = None, preset: str = "tiny") -> PretrainConfig:
+    """The PretrainConfig of `preset` with `overrides` ({dotted path: value}) applied; each
+    section validates its values (ValueError)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return replace_path(PretrainConfig(), {**PRESETS[preset], **(overrides or {})})
+
+
+SECTION_TITLES = {"logging": "logging and evaluation", "wesar": "WeSaR"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `pretrain` argument parser, generated from the PretrainConfig tree."""
+    parser = argparse.ArgumentParser(prog="megatron-wesar pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+                        help="model size whose shape and batch values fill unset options "
+                             "(default: tiny)")
+    add_options(parser, PretrainConfig, SECTION_TITLES)
+    return parser
+
+
+def parse_overrides(argv) -> tuple[str | None, dict]:
+    """(--preset or None, {dotted path: value} of the other options `argv` sets)."""
+    values = vars(build_parser().parse_args(argv))
+    return values.pop("preset", None), values
+
+
+def parse_pretrain_args(argv=None) -> PretrainConfig:
+    """Parse `argv` into the run's PretrainConfig: the preset, then the explicit flags."""
+    preset, overrides = parse_overrides(argv)
     try:
-        return PretrainArgs(**values)
+        return pretrain_config(overrides, preset or "tiny")
     except ValueError as err:
         build_parser().error(str(err))

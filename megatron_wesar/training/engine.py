@@ -26,7 +26,9 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from ..compat.cpu import cpu_compat_active
 from ..config import WeSaRConfig
+from ..embedding_variants import apply_embedding_variant
 from ..grads import finalize_model_grads
+from ..init import ModelShape, sigma_role
 from ..spec import build_gpt_model
 
 
@@ -114,9 +116,11 @@ def build_engine(
     optimizer_config: OptimizerConfig,
     schedule: LRSchedule = LRSchedule(),
     ddp_config: DistributedDataParallelConfig | None = None,
+    embedding_variant: str = "none",
     **gpt_kwargs,
 ) -> Engine:
-    """Build this rank's WeSaR GPT stage, wrap it in megatron DDP, build optimizer and scheduler.
+    """Build this rank's WeSaR GPT stage (with an embedding-side baseline `embedding_variant`,
+    megatron_wesar.embedding_variants), wrap it in megatron DDP, build optimizer and scheduler.
 
     The scheduler is what applies megatron's per-group lr_mult / wd_mult (no weight decay on the
     gates, biases and norms; the gate LR multiplier), so it is always built.
@@ -126,6 +130,8 @@ def build_engine(
     )
     model = build_gpt_model(transformer_config, wesar, vocab_size, max_sequence_length,
                             **gpt_kwargs)
+    apply_embedding_variant(model, embedding_variant, sigma_role(
+        "embedding", ModelShape.from_transformer_config(transformer_config), wesar))
     ddp = DistributedDataParallel(transformer_config, ddp_config, model)
     optimizer = get_megatron_optimizer(
         optimizer_config, [ddp], config_overrides=gate_config_overrides(optimizer_config, wesar)

@@ -18,13 +18,12 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..compat import enable_cpu_compat
-from ..config import WeSaRConfig
 from ..coordination import gather_stage_dicts
 from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
 from ..data.tokenizers import build_tokenizer
 from ..metric_keys import GATE_PREFIX, SPIKE_FLAG_PREFIX
 from ..monitor import GateTrajectory, SpikeTracker, UpdateRatioMonitor
-from .arguments import PretrainArgs, parse_pretrain_args
+from .arguments import PretrainConfig, parse_pretrain_args
 from .checkpointing import load_checkpoint, save_checkpoint
 from .engine import LRSchedule, build_engine, evaluate, initialize_parallel, train_step
 from .metrics import MetricsWriter
@@ -52,76 +51,67 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def transformer_config_from_args(args: PretrainArgs) -> TransformerConfig:
+def build_transformer_config(config: PretrainConfig) -> TransformerConfig:
     """The megatron-core TransformerConfig of the run."""
     on_cpu = not torch.cuda.is_available()
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, parallel = config.model, config.parallel
+    dtype = torch.bfloat16 if model.bf16 else torch.float32
     return TransformerConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        bf16=args.bf16,
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        bf16=model.bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         use_cpu_initialization=on_cpu,
         gradient_accumulation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=not on_cpu and not args.swiglu,
+        bias_activation_fusion=not on_cpu and not model.swiglu,
         bias_dropout_fusion=not on_cpu,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        gated_linear_unit=args.swiglu,
-        activation_func=F.silu if args.swiglu else F.gelu,
-        normalization=args.normalization,
-        init_method_std=args.init_method_std,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        normalization=model.normalization,
+        init_method_std=config.wesar.init_method_std,
     )
 
 
-def wesar_config_from_args(args: PretrainArgs) -> WeSaRConfig:
-    """The WeSaRConfig of the run."""
-    return WeSaRConfig(
-        sigma=args.wesar_sigma,
-        backbone=args.init_method,
-        enabled=args.wesar,
-        gate_embedding=not args.wesar_no_embedding_gate,
-        gate_lr_mult=args.wesar_gate_lr_mult,
-        init_method_std=args.init_method_std,
-    )
-
-
-def optimizer_config_from_args(args: PretrainArgs) -> OptimizerConfig:
+def build_optimizer_config(config: PretrainConfig) -> OptimizerConfig:
     """The megatron optimizer config (Adam with decoupled weight decay) of the run."""
+    training = config.training
     return OptimizerConfig(
         optimizer="adam",
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        lr=training.lr,
+        min_lr=training.effective_min_lr,
+        weight_decay=training.weight_decay,
+        adam_beta1=training.adam_beta1,
+        adam_beta2=training.adam_beta2,
+        adam_eps=training.adam_eps,
+        clip_grad=training.clip_grad,
+        bf16=config.model.bf16,
+        params_dtype=torch.bfloat16 if config.model.bf16 else torch.float32,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
     )
 
 
-def build_data(args: PretrainArgs):
+def build_data(config: PretrainConfig):
     """The run's data: Megatron indexed datasets (--data-path) or the embedded byte corpus."""
-    if args.data_path is None:
-        return EmbeddedCorpus(args.seq_length, args.seed)
+    data, training, seq_length = config.data, config.training, config.model.seq_length
+    if data.data_path is None:
+        return EmbeddedCorpus(seq_length, training.seed)
     return IndexedDatasets(
-        args.data_path, args.split, args.seq_length, args.seed,
-        build_tokenizer(args.tokenizer_file),
-        train_samples=args.train_iters * args.global_batch_size,
-        valid_samples=args.eval_iters * args.global_batch_size,
-        cache_dir=args.data_cache_path,
+        list(data.data_path), data.split, seq_length, training.seed,
+        build_tokenizer(data.tokenizer_file),
+        train_samples=training.train_iters * training.global_batch_size,
+        valid_samples=config.logging.eval_iters * training.global_batch_size,
+        cache_dir=data.data_cache_path,
     )
 
 
@@ -130,51 +120,57 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
     return -(-vocab_size // tensor_model_parallel_size) * tensor_model_parallel_size
 
 
-def pretrain(args: PretrainArgs, log=print) -> list[dict]:
-    """Train for args.train_iters steps; return one record per log interval.
+def pretrain(config: PretrainConfig, log=print) -> list[dict]:
+    """Train for config.training.train_iters steps; return one record per log interval.
 
-    Rank 0 logs a progress line per log interval and writes the metrics JSONL: a {"run": args}
-    line, one line per step (iteration, loss, grad_norm, lr, and the spike flags raised), the
-    monitors at log intervals (update ratios, norms, gates, spike counts, tokens/s) and a
-    {"iteration", "valid_loss"} line per evaluation.
+    Rank 0 logs a progress line per log interval and writes the metrics JSONL: a {"run": config}
+    line (the config tree as nested dicts), one line per step (iteration, loss, grad_norm, lr, and
+    the spike flags raised), the monitors at log intervals (update ratios, norms, gates, spike
+    counts, tokens/s) and a {"iteration", "valid_loss"} line per evaluation.
     """
+    model, training, parallel = config.model, config.training, config.parallel
+    checkpoint, logging = config.checkpoint, config.logging
     init_distributed()
-    dp_size = args.data_parallel_size(dist.get_world_size())
-    initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                        args.seed)
-    data = build_data(args)
+    dp_size = config.data_parallel_size(dist.get_world_size())
+    tp = parallel.tensor_model_parallel_size
+    initialize_parallel(tp, parallel.pipeline_model_parallel_size, training.seed)
+    data = build_data(config)
     engine = build_engine(
-        transformer_config_from_args(args),
-        wesar_config_from_args(args),
-        padded_vocab_size(data.vocab_size, args.tensor_model_parallel_size),
-        args.seq_length,
-        optimizer_config_from_args(args),
-        LRSchedule(args.lr_warmup_iters, args.train_iters, "cosine"),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        init_seed=args.seed,
-        position_embedding_type=args.position_embedding_type,
+        build_transformer_config(config),
+        config.wesar,
+        padded_vocab_size(data.vocab_size, tp),
+        model.seq_length,
+        build_optimizer_config(config),
+        LRSchedule(training.effective_lr_warmup_iters, training.train_iters, "cosine"),
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        init_seed=training.seed,
+        position_embedding_type=model.position_embedding_type,
+        embedding_variant=model.embedding_variant,
     )
     first_step = 0
-    if args.load:
+    if checkpoint.load:
         first_step = load_checkpoint(
-            engine, args.load, log=log,
-            missing_ok=bool(args.save) and os.path.abspath(args.load) == os.path.abspath(args.save))
+            engine, checkpoint.load, log=log,
+            missing_ok=bool(checkpoint.save)
+            and os.path.abspath(checkpoint.load) == os.path.abspath(checkpoint.save))
     is_logger = dist.get_rank() == 0
-    metrics = MetricsWriter(args.metrics_file if is_logger else None,
-                            args.tensorboard_dir if is_logger else None)
-    metrics.write({"run": asdict(args)})
+    metrics = MetricsWriter(logging.metrics_file if is_logger else None,
+                            logging.tensorboard_dir if is_logger else None)
+    metrics.write({"run": asdict(config)})
     spikes, monitor, gates = SpikeTracker(), UpdateRatioMonitor(engine.model), GateTrajectory(
         engine.model)
-    num_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
+    micro, global_batch, train_iters = (training.micro_batch_size, training.global_batch_size,
+                                        training.train_iters)
+    num_micro = global_batch // (micro * dp_size)
     dp_rank = parallel_state.get_data_parallel_rank()
-    step_shape = (num_micro, args.micro_batch_size, args.seq_length)
+    step_shape = (num_micro, micro, model.seq_length)
     records, start = [], time.perf_counter()
-    for step in range(first_step, args.train_iters):
+    for step in range(first_step, train_iters):
         iteration = step + 1
-        log_now = iteration % args.log_interval == 0 or iteration == args.train_iters
-        batch = data.train_batch(step, args.global_batch_size)
+        log_now = iteration % logging.log_interval == 0 or iteration == train_iters
+        batch = data.train_batch(step, global_batch)
         result = train_step(
-            engine, microbatches(batch, dp_rank, dp_size, args.micro_batch_size), *step_shape,
+            engine, microbatches(batch, dp_rank, dp_size, micro), *step_shape,
             after_backward=(lambda _: monitor.snapshot()) if log_now else None,
         )
         record = {
@@ -190,28 +186,29 @@ def pretrain(args: PretrainArgs, log=print) -> list[dict]:
             record.update(monitor.read())
             record.update(gather_stage_dicts(gates.record(iteration)))
             record.update(spikes.counts())
-            record["tokens_per_s"] = (args.global_batch_size * args.seq_length
-                                      * (iteration - first_step) / (time.perf_counter() - start))
+            record["tokens_per_s"] = (global_batch * model.seq_length * (iteration - first_step)
+                                      / (time.perf_counter() - start))
             records.append(record)
             if is_logger:
-                log(format_progress(record, args.train_iters))
+                log(format_progress(record, train_iters))
         metrics.write(record)
-        if iteration == args.train_iters or (
-                args.eval_interval and iteration % args.eval_interval == 0):
+        if iteration == train_iters or (
+                logging.eval_interval and iteration % logging.eval_interval == 0):
             valid = evaluate(
                 engine,
-                (microbatches(data.valid_batch(i, args.global_batch_size), dp_rank, dp_size,
-                              args.micro_batch_size) for i in range(args.eval_iters)),
+                (microbatches(data.valid_batch(i, global_batch), dp_rank, dp_size, micro)
+                 for i in range(logging.eval_iters)),
                 *step_shape,
             )
             metrics.write({"iteration": iteration, "valid_loss": valid})
             if is_logger:
                 log(f"validation at iteration {iteration:>6} | loss {valid:.4f}")
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(engine, iteration, args.save, log=log)
-    if args.save and args.train_iters > first_step and (
-            not args.save_interval or args.train_iters % args.save_interval):
-        save_checkpoint(engine, args.train_iters, args.save, log=log)
+        if checkpoint.save and checkpoint.save_interval and (
+                iteration % checkpoint.save_interval == 0):
+            save_checkpoint(engine, iteration, checkpoint.save, log=log)
+    if checkpoint.save and train_iters > first_step and (
+            not checkpoint.save_interval or train_iters % checkpoint.save_interval):
+        save_checkpoint(engine, train_iters, checkpoint.save, log=log)
     metrics.close()
     parallel_state.destroy_model_parallel()
     return records

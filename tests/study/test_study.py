@@ -167,8 +167,6 @@ def test_report_renders_from_the_fixture(study_dir, capsys):
     assert ("loss/relmin flagged 1 of 360 steps (0.3%) in 1 of 9 runs: he at LR 1e-2 seed 1 "
             "(steps 25)") in report and "No training loss spikes" not in report
     assert "Rules megatron, zscore flagged none of its steps" in report
-    # the paper's embedding-side baselines are not run: the report says so, it does not pretend
-    assert "- `scaled-embed`: skipped (not implemented in the driver)." in report
     for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png"):
         path = os.path.join(study_dir, name)
         assert f"]({name})" in report
@@ -201,19 +199,32 @@ def test_report_says_no_spikes_plainly(study_dir):
     assert "gates.png" not in report and not os.path.exists(os.path.join(study_dir, "gates.png"))
 
 
-def test_study_presets_are_valid_driver_arguments(tmp_path):
+def test_study_presets_are_valid_driver_configs(tmp_path):
+    from megatron_wesar.options import to_argv
     from megatron_wesar.study.runner import METHODS, parse_study_args
-    from megatron_wesar.training.arguments import parse_pretrain_args
+    from megatron_wesar.training.arguments import PretrainConfig, parse_pretrain_args
 
-    config = parse_study_args(["--preset", "tiny", "--dir", str(tmp_path)])
-    assert sorted(config.methods) == sorted(METHODS) and len(config.plan()) == 20
+    assert parse_study_args(["--preset", "tiny-long"]).methods == [
+        "he", "small", "megatron", "scaled-embed", "embed-ln", "wesar"]
+    config = parse_study_args(["--preset", "tiny", "--dir", str(tmp_path),
+                               "--methods", ",".join(METHODS), "--", "--swiglu"])
+    assert len(config.plan()) == 6 * 5
     for method, lr, seed in config.plan():
-        args = parse_pretrain_args(config.run_argv(method, lr, seed))
-        assert args.lr == lr and args.seed == seed
-        assert args.wesar is (method == "wesar")
-        assert args.tensor_model_parallel_size == 2
+        run = config.run_config(method, lr, seed)
+        assert run.training.lr == lr and run.training.seed == seed
+        assert run.wesar.enabled is (method == "wesar")
+        assert run.model.embedding_variant == (
+            method if method in ("scaled-embed", "embed-ln") else "none")
+        assert run.parallel.tensor_model_parallel_size == 2 and run.model.seq_length == 64
+        assert run.model.swiglu  # the flags after `--` reach every run
+        # the flags the report shows reproduce the run's configuration
+        flags = [*config.pretrain_args(), *to_argv(PretrainConfig, METHODS[method].overrides),
+                 "--lr", repr(lr), "--seed", str(seed),
+                 "--metrics-file", config.metrics_path(method, lr, seed)]
+        assert parse_pretrain_args(flags) == run
+    assert parse_study_args([]).methods == ["he", "small", "megatron", "wesar"]  # the demo's
     with pytest.raises(SystemExit):
-        parse_study_args(["--methods", "he,embed-ln"])
+        parse_study_args(["--methods", "he,embed-rms"])
 
 
 # --------------------------------------------------------------------------- end to end

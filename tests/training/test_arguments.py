@@ -11,26 +11,27 @@ import torch
 import torch.nn.functional as F
 
 from megatron_wesar.training.arguments import parse_pretrain_args
-from megatron_wesar.training.pretrain import (
-    optimizer_config_from_args,
-    transformer_config_from_args,
-    wesar_config_from_args,
-)
+from megatron_wesar.training.pretrain import build_optimizer_config, build_transformer_config
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 CONFIGS = {
-    "wesar": wesar_config_from_args,
-    "transformer": transformer_config_from_args,
-    "optimizer": optimizer_config_from_args,
+    "wesar": lambda config: config.wesar,
+    "transformer": build_transformer_config,
+    "optimizer": build_optimizer_config,
 }
 
 # (flags, config, field, value without the flags, value with them)
 FLAG_MAPPING = [
-    (["--init-method", "small"], "wesar", "backbone", "he", "small"),
-    (["--init-method", "megatron"], "wesar", "backbone", "he", "megatron"),
+    (["--backbone", "small"], "wesar", "backbone", "he", "small"),
+    (["--backbone", "megatron"], "wesar", "backbone", "he", "megatron"),
     (["--wesar-sigma", "1e-3"], "wesar", "sigma", math.sqrt(4e-5), 1e-3),
     (["--no-wesar"], "wesar", "enabled", True, False),
-    (["--wesar-no-embedding-gate"], "wesar", "gate_embedding", True, False),
+    (["--no-wesar-gate-embedding"], "wesar", "gate_embedding", True, False),
+    (["--no-wesar-gate-output-layer"], "wesar", "gate_output_layer", True, False),
+    (["--no-wesar-train-gates"], "wesar", "train_gates", True, False),
+    (["--wesar-share-glu-gates"], "wesar", "share_glu_gates", False, True),
+    (["--no-wesar-defer-gate-grad-reduction"], "wesar", "defer_gate_grad_reduction", True,
+     False),
     (["--wesar-gate-lr-mult", "0.1"], "wesar", "gate_lr_mult", 1.0, 0.1),
     (["--init-method-std", "0.01"], "wesar", "init_method_std", 0.02, 0.01),
     (["--init-method-std", "0.01"], "transformer", "init_method_std", 0.02, 0.01),
@@ -65,18 +66,66 @@ def test_flag_sets_its_config_field(flags, config, field, default, value):
     assert getattr(build(parse_pretrain_args(flags)), field) == value
 
 
-def test_flags_without_a_config_field_reach_the_arguments():
+def test_flags_without_a_megatron_config_field_reach_the_config_tree():
     defaults = parse_pretrain_args([])
-    assert not defaults.untie_embeddings_and_output_weights
-    assert defaults.position_embedding_type == "learned_absolute"
-    args = parse_pretrain_args(["--untie-embeddings-and-output-weights",
-                                "--position-embedding-type", "rope", "--seed", "7",
-                                "--data-path", "0.3", "a", "0.7", "b", "--tokenizer-file",
-                                "tok.json", "--tensorboard-dir", "tb"])
-    assert args.untie_embeddings_and_output_weights
-    assert args.position_embedding_type == "rope" and args.seed == 7
-    assert args.data_path == ["0.3", "a", "0.7", "b"]
-    assert args.tokenizer_file == "tok.json" and args.tensorboard_dir == "tb"
+    assert not defaults.model.untie_embeddings_and_output_weights
+    assert defaults.model.position_embedding_type == "learned_absolute"
+    config = parse_pretrain_args(["--untie-embeddings-and-output-weights",
+                                  "--position-embedding-type", "rope", "--seed", "7",
+                                  "--data-path", "0.3", "a", "0.7", "b", "--tokenizer-file",
+                                  "tok.json", "--tensorboard-dir", "tb"])
+    assert config.model.untie_embeddings_and_output_weights
+    assert config.model.position_embedding_type == "rope" and config.training.seed == 7
+    assert config.data.data_path == ("0.3", "a", "0.7", "b")
+    assert config.data.tokenizer_file == "tok.json" and config.logging.tensorboard_dir == "tb"
+
+
+def test_every_flag_is_the_field_it_sets():
+    """Each leaf of the tree has one option whose dest is the field's dotted path; its
+    Megatron-LM-style flag is the field name with dashes unless the field says otherwise."""
+    from megatron_wesar.options import leaf_fields
+    from megatron_wesar.training.arguments import PretrainConfig, build_parser
+
+    actions = {a.dest: a for a in build_parser()._actions if a.dest not in ("help", "preset")}
+    leaves = dict(leaf_fields(PretrainConfig))
+    assert set(actions) == set(leaves)
+    renamed = {path: a.option_strings[0] for path, a in actions.items()
+               if a.option_strings[0] != "--" + path.rpartition(".")[2].replace("_", "-")}
+    assert renamed == {  # the WeSaR-only knobs carry the wesar- prefix
+        "wesar.enabled": "--wesar", "wesar.sigma": "--wesar-sigma",
+        "wesar.gate_embedding": "--wesar-gate-embedding",
+        "wesar.gate_output_layer": "--wesar-gate-output-layer",
+        "wesar.train_gates": "--wesar-train-gates", "wesar.gate_lr_mult": "--wesar-gate-lr-mult",
+        "wesar.check_finite_gates": "--wesar-check-finite-gates",
+        "wesar.share_glu_gates": "--wesar-share-glu-gates",
+        "wesar.defer_gate_grad_reduction": "--wesar-defer-gate-grad-reduction",
+    }
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-layers", "0"], "--num-layers) must be > 0"),
+    (["--lr", "nan"], "--lr"),
+    (["--wesar-sigma", "-1"], "--wesar-sigma) must be > 0"),
+    (["--eval-iters", "0"], "--eval-iters) must be > 0"),
+    (["--save-interval", "5"], "--save-interval needs --save"),
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "not divisible"),
+])
+def test_bad_values_are_errors_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_pretrain_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_config_sections_validate_on_construction():
+    from megatron_wesar.options import replace_path
+    from megatron_wesar.training.arguments import PretrainConfig, TrainingConfig
+
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        TrainingConfig(micro_batch_size=0)
+    with pytest.raises(ValueError, match="not divisible"):
+        replace_path(PretrainConfig(), {"parallel.pipeline_model_parallel_size": 3})
+    with pytest.raises(KeyError, match="no field"):
+        replace_path(PretrainConfig(), {"training.learning_rate": 1.0})
 
 
 # Depth and width of GPT-3 Small / XL / 13B (Brown et al. 2020), d_ff = 4 d, heads of 64 / 128 / 128
@@ -95,24 +144,32 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_
 def test_preset_shapes_and_derived_defaults(preset):
     *shape, head_dim = PRESET_TABLE[preset]
     args = parse_pretrain_args(["--preset", preset])
-    assert tuple(getattr(args, name) for name in SHAPE_FIELDS) == tuple(shape)
-    assert args.train_iters == 20000 and args.lr == 1e-3
-    assert math.isclose(args.min_lr, 1e-4) and args.lr_warmup_iters == 1000
-    config = transformer_config_from_args(args)
+    assert tuple(_setting(args, name) for name in SHAPE_FIELDS) == tuple(shape)
+    assert args.training.train_iters == 20000 and args.training.lr == 1e-3
+    assert args.model.untie_embeddings_and_output_weights  # as the paper's models
+    assert math.isclose(args.training.effective_min_lr, 1e-4)
+    assert args.training.effective_lr_warmup_iters == 1000
+    config = build_transformer_config(args)
     assert (config.num_layers, config.hidden_size, config.num_attention_heads,
             config.ffn_hidden_size) == tuple(shape[:4])
     assert config.kv_channels == head_dim
     # an explicit flag beats the preset; the derived defaults follow the values actually used
     args = parse_pretrain_args(["--preset", preset, "--num-layers", "2", "--lr", "2e-3",
                                 "--train-iters", "100"])
-    assert args.num_layers == 2 and args.hidden_size == shape[1]
-    assert math.isclose(args.min_lr, 2e-4) and args.lr_warmup_iters == 5
+    assert args.model.num_layers == 2 and args.model.hidden_size == shape[1]
+    assert math.isclose(args.training.effective_min_lr, 2e-4)
+    assert args.training.effective_lr_warmup_iters == 5
+
+
+def _setting(config, name):
+    section = "model" if hasattr(config.model, name) else "training"
+    return getattr(getattr(config, section), name)
 
 
 def test_explicit_schedule_flags_beat_the_derived_defaults():
     args = parse_pretrain_args(["--lr", "2e-3", "--min-lr", "0", "--lr-warmup-iters", "0"])
-    assert args.min_lr == 0.0 and args.lr_warmup_iters == 0
-    assert parse_pretrain_args(["--train-iters", "10"]).lr_warmup_iters == 1  # at least one
+    assert args.training.effective_min_lr == 0.0 and args.training.effective_lr_warmup_iters == 0
+    assert parse_pretrain_args(["--train-iters", "10"]).training.effective_lr_warmup_iters == 1
 
 
 # Values the example scripts' shell variables get; NNODES is the multi-node scripts' node count.
@@ -147,11 +204,12 @@ def check_launch_script(script: pathlib.Path):
     torchrun_args, argv = launch_command(script)
     args = parse_pretrain_args(argv)
     world = torchrun_world_size(torchrun_args)
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    tp, pp = args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
     assert args.data_parallel_size(world) * tp * pp == world
-    for size in (args.num_attention_heads, args.hidden_size, args.ffn_hidden_size):
+    model = args.model
+    for size in (model.num_attention_heads, model.hidden_size, model.ffn_hidden_size):
         assert size % tp == 0, (script.name, size, tp)
-    transformer_config_from_args(args)  # a valid megatron-core config
+    build_transformer_config(args)  # a valid megatron-core config
 
 
 EXAMPLE_SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.sh"))

@@ -529,11 +529,12 @@ def test_tracker_and_stale_directories(tmp_path):
 
 
 def test_checkpoint_arguments():
-    from megatron_wesar.training.arguments import parse_pretrain_args
+    from megatron_wesar.training.arguments import CheckpointConfig, parse_pretrain_args
 
     args = parse_pretrain_args(TINY + ["--save", "/x", "--save-interval", "5", "--load", "/y"])
-    assert (args.save, args.save_interval, args.load) == ("/x", 5, "/y")
-    assert (parse_pretrain_args(TINY).save, parse_pretrain_args(TINY).load) == (None, None)
+    assert (args.checkpoint.save, args.checkpoint.save_interval, args.checkpoint.load) == (
+        "/x", 5, "/y")
+    assert parse_pretrain_args(TINY).checkpoint == CheckpointConfig()
     with pytest.raises(SystemExit):
         parse_pretrain_args(TINY + ["--save", "/x", "--save-interval", "0"])
     with pytest.raises(SystemExit):

@@ -74,18 +74,15 @@ def _preset_gate_counts(presets: dict) -> dict:
     from megatron_wesar.layers import gate_parameters
     from megatron_wesar.spec import build_gpt_model
     from megatron_wesar.training.engine import initialize_parallel
-    from megatron_wesar.training.pretrain import (
-        transformer_config_from_args,
-        wesar_config_from_args,
-    )
+    from megatron_wesar.training.pretrain import build_transformer_config
 
     counts = {}
     initialize_parallel(1, 1, seed=1)
     for name, argv in presets.items():
         args = parse_pretrain_args(argv)
         with torch.device("meta"):
-            model = build_gpt_model(transformer_config_from_args(args),
-                                    wesar_config_from_args(args), 256, args.seq_length,
+            model = build_gpt_model(build_transformer_config(args), args.wesar, 256,
+                                    args.model.seq_length,
                                     share_embeddings_and_output_weights=True)
         counts[name] = len(gate_parameters(model))
     parallel_state.destroy_model_parallel()
@@ -164,7 +161,7 @@ def driver(corpora, tmp_path_factory):
         "130m": ["--preset", "130m"],
         "1.3b": ["--preset", "1.3b"],
         "13b": ["--preset", "13b"],
-        "13b_no_embedding_gate": ["--preset", "13b", "--wesar-no-embedding-gate"],
+        "13b_no_embedding_gate": ["--preset", "13b", "--no-wesar-gate-embedding"],
         "13b_no_wesar": ["--preset", "13b", "--no-wesar"],
     }
     results = run_distributed(_driver_runs, WORLD, runs, presets)
