@@ -7,18 +7,22 @@ exactly the batches it would have seen.
 
 - `EmbeddedCorpus`: random windows of the embedded byte corpus (train or held-out split).
 - `IndexedDatasets`: megatron-core GPTDatasets over Megatron indexed datasets (.bin/.idx),
-  blended, split into train and validation by megatron's builder.
+  blended, split into train and validation by megatron's builder. Every .bin/.idx pair is checked
+  when opened (`indexed.inspect_indexed_dataset`), and megatron's sample-index cache (by default
+  `<prefix>/cache/`, else --data-cache-path) is keyed by the digests of the .idx files, so a
+  prefix written again by `preprocess` never reuses the indices cached for its old content.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..coordination import on_rank0
 from .corpus import BYTE_VOCAB_SIZE, embedded_corpus_bytes, split_tokens
+from .indexed import inspect_indexed_dataset
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -77,23 +81,22 @@ class EmbeddedCorpus:
 
 
 class IndexedDatasets:
-    """megatron-core GPTDatasets over blended Megatron indexed datasets."""
+    """megatron-core GPTDatasets over blended Megatron indexed datasets; every .bin/.idx pair is
+    checked first (FileNotFoundError, indexed.IndexedDatasetError naming the file)."""
 
     def __init__(self, data_path: list[str], split: str, seq_length: int, seed: int, tokenizer,
                  train_samples: int, valid_samples: int, cache_dir: str | None = None):
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder,
         )
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
         from megatron.core.datasets.utils import get_blend_from_list
 
+        from .versioned_gpt import VersionedGPTDataset, VersionedGPTDatasetConfig
+
         blend = get_blend_from_list(data_path)
-        for prefix in blend[0]:
-            for suffix in (".bin", ".idx"):
-                if not os.path.isfile(prefix + suffix):
-                    raise FileNotFoundError(f"--data-path: {prefix + suffix} not found "
-                                            "(write it with `megatron-wesar preprocess`)")
-        config = GPTDatasetConfig(
+        inspect = lambda: [inspect_indexed_dataset(p) for p in blend[0]]  # noqa: E731
+        files = on_rank0(inspect) if dist.is_initialized() else inspect()
+        config = VersionedGPTDatasetConfig(
             random_seed=seed,
             sequence_length=seq_length,
             blend=blend,
@@ -104,10 +107,11 @@ class IndexedDatasets:
             eod_mask_loss=False,
             create_attention_mask=False,
             path_to_cache=cache_dir,
+            index_digests={f.prefix: f.digest for f in files},
         )
         # the test split is never read: size 0 (megatron refuses None with blend weights)
         builder = BlendedMegatronDatasetBuilder(
-            GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+            VersionedGPTDataset, [train_samples, valid_samples, 0], lambda: True, config
         )
         # rank 0 builds (and caches) the sample indices first, the others then read them
         rank = dist.get_rank() if dist.is_initialized() else 0
