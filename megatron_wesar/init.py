@@ -4,9 +4,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import WeSaRConfig
+from .config import DEFAULT_SIGMA, WeSaRConfig
 
-ROLES = ("qkv", "attn_proj", "fc1", "fc2", "embedding", "output")
+# One role per logical matrix: linear_qkv holds q, k and v; a SwiGLU linear_fc1 holds fc1_gate
+# (W_gate) and fc1 (W_up, also the whole fc1 of a GeLU MLP, and a SwiGLU fc1 whose two halves
+# share one gate).
+ROLES = ("q", "k", "v", "attn_proj", "fc1_gate", "fc1", "fc2", "embedding", "output")
 RESIDUAL_OUTPUT_ROLES = ("attn_proj", "fc2")
 
 
@@ -25,20 +28,22 @@ class ModelShape:
 
 
 def sigma_role(role: str, shape: ModelShape, wesar: WeSaRConfig) -> float:
-    """The std the backbone init gives the matrix of `role` (docs/design.md section 1 table)."""
+    """The std the backbone init gives the matrix of `role` (docs/design.md section 1 table).
+
+    Baseline stds never read a WeSaR knob: He's word embedding has the paper's constant
+    std sqrt(4e-5) (config.DEFAULT_SIGMA) whatever `wesar.sigma` is.
+    """
     if role not in ROLES:
         raise ValueError(f"unknown matrix role {role!r}; expected one of {ROLES}")
     d, n, d_ff = shape.hidden_size, shape.num_layers, shape.ffn_hidden_size
     depth_scale = 1.0 / math.sqrt(2.0 * n)
     if wesar.backbone == "he":
-        base = {
-            "qkv": math.sqrt(1.0 / d),
-            "attn_proj": math.sqrt(1.0 / d),
-            "fc1": math.sqrt(1.0 / d),
-            "fc2": math.sqrt(2.0 / d_ff),
-            "embedding": wesar.sigma,
-            "output": math.sqrt(1.0 / d),
-        }[role]
+        if role == "fc2":
+            base = math.sqrt(2.0 / d_ff)
+        elif role == "embedding":
+            base = DEFAULT_SIGMA
+        else:
+            base = math.sqrt(1.0 / d)
     elif wesar.backbone == "small":
         base = math.sqrt(2.0 / (5.0 * d))
     else:  # megatron
@@ -65,7 +70,7 @@ def weight_std(role: str, shape: ModelShape, wesar: WeSaRConfig) -> float:
 def gate_initial_value(
     role: str, shape: ModelShape, wesar: WeSaRConfig, weight_role: str | None = None
 ) -> float:
-    """alpha_0 = sigma_role / std(W_bar).
+    """alpha_0 = sigma_role / std(W_bar), in float64 (Python floats).
 
     `weight_role` names the role that owns W_bar when it differs from `role`: a tied output layer
     uses the word embedding's W_bar, so its gate must carry sigma_role('output') over that std.

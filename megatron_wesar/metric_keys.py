@@ -1,7 +1,7 @@
 """The names of the metric keys the monitors write and the study summary reads back.
 
 One metrics record is a flat dict (one JSONL line); megatron_wesar.monitor documents what each
-key holds. `<matrix>` is a module path such as `decoder.layers.3.self_attention.linear_qkv`,
+key holds. `<matrix>` is a logical matrix such as `decoder.layers.3.self_attention.linear_qkv.q`,
 `<role>` one of megatron_wesar.init.ROLES, `<series>` one of SPIKE_SERIES and `<rule>` one of
 SPIKE_RULES.
 """
@@ -22,16 +22,21 @@ UPDATE_RATIO = "update_ratio"
 WEIGHT_NORM = "weight_norm"
 WEIGHT_RMS = "weight_rms"
 
-# the module attribute (last component of <matrix>) that holds the matrix of each role
+# the last one or two components of <matrix> -> the role of that logical matrix (a fused
+# weight's parts are <module>.<part>: linear_qkv.q/k/v; a SwiGLU linear_fc1.gate/up)
 MATRIX_ROLES = {
-    "linear_qkv": "qkv",
+    "linear_qkv.q": "q",
+    "linear_qkv.k": "k",
+    "linear_qkv.v": "v",
     "linear_proj": "attn_proj",
+    "linear_fc1.gate": "fc1_gate",
+    "linear_fc1.up": "fc1",
     "linear_fc1": "fc1",
     "linear_fc2": "fc2",
     "word_embeddings": "embedding",
     "output_layer": "output",
 }
-assert sorted(MATRIX_ROLES.values()) == sorted(ROLES)
+assert set(MATRIX_ROLES.values()) == set(ROLES)
 
 
 def spike_flag_key(series: str, rule: str) -> str:
@@ -68,8 +73,10 @@ def spread_key(stat: str) -> str:
 
 
 def role_of_matrix(matrix: str) -> str:
-    """The role of a matrix from its module path, or "other" for a module of no known role."""
-    return MATRIX_ROLES.get(matrix.rsplit(".", 1)[-1], "other")
+    """The role of a logical matrix from its name (module path, plus the part of a fused
+    weight), or "other" for a matrix of no known role."""
+    names = matrix.split(".")
+    return MATRIX_ROLES.get(".".join(names[-2:]), MATRIX_ROLES.get(names[-1], "other"))
 
 
 UPDATE_RATIO_SPREAD = spread_key(UPDATE_RATIO)

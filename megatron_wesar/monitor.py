@@ -7,9 +7,11 @@ gated matrix (W_eff = gate * W_bar) on the training device, TP-aware, with ONE a
 measurement; `GateTrajectory` records the gate values at the steps asked for.
 
 Every method that returns floats returns a flat dict a driver can dump as one JSONL line. Keys
-(`<matrix>` is the module path with global layer numbers, e.g.
-`decoder.layers.3.self_attention.linear_qkv`, `embedding.word_embeddings`, `output_layer`;
-`<role>` is one of megatron_wesar.init.ROLES present on this rank's pipeline stage):
+(`<matrix>` is a logical matrix: the module path with global layer numbers, plus the part of a
+fused weight, e.g. `decoder.layers.3.self_attention.linear_qkv.q` (.k, .v),
+`decoder.layers.3.mlp.linear_fc1` (a SwiGLU one: `.gate`, `.up`), `embedding.word_embeddings`,
+`output_layer`; `<role>` is one of megatron_wesar.init.ROLES present on this rank's pipeline
+stage):
 
     SpikeTracker.update    spike/<series>/<rule>        1.0 when the rule flags this step, else 0.0
     SpikeTracker.counts    spikes/<series>/<rule>       number of spikes flagged so far
@@ -35,6 +37,8 @@ import math
 import re
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -221,13 +225,19 @@ class SpikeTracker:
 
 @dataclass
 class Matrix:
-    """One gated matrix of a rank: its name, role, W_bar shard, gate (None: ungated, 1)."""
+    """One logical matrix of a rank: its name, role, the W_bar shard it lives in, its gate (None:
+    ungated, 1) and, for a part of a fused weight, `rows` (the part's rows of that shard)."""
 
     name: str
     role: str
     weight: torch.nn.Parameter
     gate: torch.nn.Parameter | None
     sharded: bool
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def part(self, weight: torch.Tensor) -> torch.Tensor:
+        """This matrix's rows of `weight` (the shard, or a copy of it)."""
+        return weight if self.rows is None else self.rows(weight)
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -240,8 +250,10 @@ def _unwrap(model):
 
 
 def gated_matrices(model) -> list[Matrix]:
-    """The matrices of `model` (a module, DDP-wrapped or bare, or a list of chunks) built by the
-    WeSaR layers (every module with a `role`; ungated ones in baselines count with gate 1).
+    """The logical matrices of `model` (a module, DDP-wrapped or bare, or a list of chunks) built
+    by the WeSaR layers (every module with `matrix_parts`; ungated ones in baselines count with
+    gate 1). A fused weight gives one matrix per part, named `<module>.<part>` (linear_qkv.q,
+    .k, .v; a SwiGLU linear_fc1.gate, .up), each with its own gate and rows.
 
     A tied output layer without its own weight uses the shared word-embedding W_bar with its own
     gate. The order is deterministic and the same on every TP rank.
@@ -253,7 +265,8 @@ def gated_matrices(model) -> list[Matrix]:
         layers = getattr(getattr(root, "decoder", None), "layers", [])
         global_index = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
         for name, module in root.named_modules():
-            if not (hasattr(module, "role") and hasattr(module, "gate")):
+            parts = getattr(module, "matrix_parts", None)
+            if parts is None:
                 continue
             weight = getattr(module, "weight", None)
             if weight is None:
@@ -261,7 +274,12 @@ def gated_matrices(model) -> list[Matrix]:
             name = _LAYER.sub(lambda m: f"decoder.layers.{global_index[m.group(1)]}.",  # noqa: B023
                               name)
             sharded = bool(getattr(weight, "tensor_model_parallel", False))
-            out.append(Matrix(name, module.role, weight, module.gate, sharded))
+            gates = module.gates() or [None] * len(parts)
+            layout = module.fused_layout
+            for i, (part, gate) in enumerate(zip(parts, gates)):
+                rows = None if layout is None else partial(layout.rows, index=i)
+                out.append(Matrix(f"{name}.{part.name}" if part.name else name, part.role,
+                                  weight, gate, sharded, rows))
     return out
 
 
@@ -305,7 +323,8 @@ class UpdateRatioMonitor:
         # replicated weights contribute from TP rank 0 only
         keep = [1.0 if (m.sharded or tp_rank == 0) else 0.0 for m in self.matrices]
         self._keep = torch.tensor(keep * 2, dtype=self.dtype, device=self.device)
-        numel = [m.weight.numel() * (self.tp_size if m.sharded else 1) for m in self.matrices]
+        numel = [m.part(m.weight).numel() * (self.tp_size if m.sharded else 1)
+                 for m in self.matrices]
         self._numel = torch.tensor(numel, dtype=self.dtype, device=self.device)
         self.pp_group = _default_pp_group()
         self._w0: dict[int, torch.Tensor] = {}
@@ -343,9 +362,9 @@ class UpdateRatioMonitor:
         g0, g1 = self._g0, self._gates()
         delta_sq, weight_sq = [], []
         for i, m in enumerate(self.matrices):
-            w0 = self._w0[id(m.weight)]
+            w0 = m.part(self._w0[id(m.weight)])
             # g1*W1 - g0*W0 = g1*(W1 - W0) + (g1 - g0)*W0: W1 - W0 is exact for nearby values
-            delta = torch.sub(m.weight.detach(), w0).to(self.dtype)
+            delta = torch.sub(m.part(m.weight.detach()), w0).to(self.dtype)
             if m.gate is not None:
                 delta.mul_(g1[i]).addcmul_(w0, g1[i] - g0[i])
             delta_sq.append(torch.linalg.vector_norm(delta, dtype=self.dtype).square())

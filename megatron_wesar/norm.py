@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .layers import parameter_device
+
 
 class TorchNorm(torch.nn.Module):
     """LayerNorm or RMSNorm (per `config.normalization`) built the way megatron builds norms.
@@ -44,11 +46,7 @@ class TorchNorm(torch.nn.Module):
         self.hidden_size = hidden_size
         self.eps = eps
         self.zero_centered_gamma = config.layernorm_zero_centered_gamma
-        if config.use_cpu_initialization or not torch.cuda.is_available():
-            device = torch.device("cpu")
-        else:
-            device = torch.cuda.current_device()
-        factory = dict(dtype=config.params_dtype, device=device)
+        factory = dict(dtype=config.params_dtype, device=parameter_device(config))
         self.weight = torch.nn.Parameter(torch.empty(hidden_size, **factory))
         if self.normalization == "LayerNorm":
             self.bias = torch.nn.Parameter(torch.empty(hidden_size, **factory))

@@ -64,7 +64,9 @@ class SeededTransformerLayer(TransformerLayer):
 
 
 def get_wesar_layer_spec(wesar: WeSaRConfig, init_seed: int | None = None) -> ModuleSpec:
-    """A pre-LN GPT TransformerLayer spec whose qkv, attention-output, fc1 and fc2 are gated.
+    """A pre-LN GPT TransformerLayer spec whose qkv, attention-output, fc1 and fc2 are gated:
+    one gate per logical matrix (linear_qkv: q, k, v; a SwiGLU linear_fc1: gate, up, unless
+    `wesar.share_glu_gates`).
 
     The norm follows `config.normalization` (LayerNorm or RMSNorm); the MLP is GeLU or SwiGLU
     as `config.gated_linear_unit` and `config.activation_func` say. With `init_seed`, each layer's

@@ -4,7 +4,14 @@ import math
 import pytest
 
 from megatron_wesar.config import DEFAULT_SIGMA, WeSaRConfig
-from megatron_wesar.init import ModelShape, gate_initial_value, is_gated, sigma_role, weight_std
+from megatron_wesar.init import (
+    ROLES,
+    ModelShape,
+    gate_initial_value,
+    is_gated,
+    sigma_role,
+    weight_std,
+)
 
 SHAPE = ModelShape(hidden_size=512, num_layers=8, ffn_hidden_size=2048)
 
@@ -35,19 +42,25 @@ def test_default_sigma_is_the_papers():
         (
             "he",
             {
-                "qkv": math.sqrt(1 / 512),
+                "q": math.sqrt(1 / 512),
+                "k": math.sqrt(1 / 512),
+                "v": math.sqrt(1 / 512),
                 "attn_proj": math.sqrt(1 / (2 * 8 * 512)),
+                "fc1_gate": math.sqrt(1 / 512),
                 "fc1": math.sqrt(1 / 512),
                 "fc2": math.sqrt(2 / 2048) / math.sqrt(16),
-                "embedding": DEFAULT_SIGMA,
+                "embedding": math.sqrt(4e-5),
                 "output": math.sqrt(1 / 512),
             },
         ),
         (
             "small",
             {
-                "qkv": math.sqrt(2 / (5 * 512)),
+                "q": math.sqrt(2 / (5 * 512)),
+                "k": math.sqrt(2 / (5 * 512)),
+                "v": math.sqrt(2 / (5 * 512)),
                 "attn_proj": math.sqrt(2 / (5 * 512)) / math.sqrt(16),
+                "fc1_gate": math.sqrt(2 / (5 * 512)),
                 "fc1": math.sqrt(2 / (5 * 512)),
                 "fc2": math.sqrt(2 / (5 * 512)) / math.sqrt(16),
                 "embedding": math.sqrt(2 / (5 * 512)),
@@ -57,8 +70,11 @@ def test_default_sigma_is_the_papers():
         (
             "megatron",
             {
-                "qkv": 0.02,
+                "q": 0.02,
+                "k": 0.02,
+                "v": 0.02,
                 "attn_proj": 0.02 / math.sqrt(16),
+                "fc1_gate": 0.02,
                 "fc1": 0.02,
                 "fc2": 0.02 / math.sqrt(16),
                 "embedding": 0.02,
@@ -68,17 +84,23 @@ def test_default_sigma_is_the_papers():
     ],
 )
 def test_sigma_role_matches_the_design_table(backbone, expected):
-    wesar = WeSaRConfig(backbone=backbone)
-    for role, value in expected.items():
-        assert sigma_role(role, SHAPE, wesar) == pytest.approx(value, rel=1e-15), role
+    assert sorted(expected) == sorted(ROLES)
+    for sigma in (DEFAULT_SIGMA, 1e-3):  # a baseline std never depends on WeSaR's sigma
+        wesar = WeSaRConfig(backbone=backbone, sigma=sigma)
+        for role, value in expected.items():
+            assert sigma_role(role, SHAPE, wesar) == pytest.approx(value, rel=1e-15), role
 
 
 def test_gate_carries_the_role_scale():
     wesar = WeSaRConfig(backbone="he")
-    for role in ("qkv", "attn_proj", "fc1", "fc2", "embedding", "output"):
+    for role in ROLES:
         alpha0 = gate_initial_value(role, SHAPE, wesar)
         assert alpha0 * wesar.sigma == pytest.approx(sigma_role(role, SHAPE, wesar), rel=1e-15)
     assert gate_initial_value("embedding", SHAPE, wesar) == 1.0
+    # He's embedding std is the paper's constant: another sigma moves the gate, not the std
+    other = WeSaRConfig(backbone="he", sigma=1e-3)
+    assert gate_initial_value("embedding", SHAPE, other) == pytest.approx(
+        math.sqrt(4e-5) / 1e-3, rel=1e-15)
 
 
 def test_tied_output_gate_is_relative_to_the_embedding_weight():
@@ -91,11 +113,11 @@ def test_tied_output_gate_is_relative_to_the_embedding_weight():
 
 def test_baseline_and_optional_gates():
     baseline = WeSaRConfig(enabled=False)
-    assert not any(is_gated(r, baseline) for r in ("qkv", "fc2", "embedding", "output"))
+    assert not any(is_gated(r, baseline) for r in ROLES)
     assert weight_std("fc2", SHAPE, baseline) == sigma_role("fc2", SHAPE, baseline)
     partial = WeSaRConfig(gate_embedding=False, gate_output_layer=False)
     assert not is_gated("embedding", partial) and not is_gated("output", partial)
-    assert is_gated("qkv", partial)
+    assert all(is_gated(r, partial) for r in ("q", "k", "v", "fc1_gate", "fc1"))
 
 
 def test_unknown_role_is_rejected():

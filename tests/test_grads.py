@@ -1,12 +1,15 @@
 """Gate-aware finalize_model_grads: non-finite gate gradients, misuse with megatron's stock
-finalize, and the optimizer param groups of the gates (no weight decay, LR multiplier)."""
+finalize or with none, and the optimizer param groups of the gates (no weight decay, LR
+multiplier)."""
 import math
 
 import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
+from tests.helpers.gather import gather_canonical
 from tests.helpers.oracle_harness import Case, build_case_model
+from tests.helpers.reference import ReferenceGPT
 
 
 def _batch(case):
@@ -20,9 +23,10 @@ def _non_finite_gate_grad(rank, world_size, case):
     and call reduce_gate_grads on every rank: (error type, message) per gate, on this rank."""
     from megatron.core import parallel_state
 
-    from megatron_wesar.grads import reduce_gate_grads
+    from megatron_wesar.grads import finalize_model_grads, reduce_gate_grads
 
     model = build_case_model(case)
+    model.config.finalize_model_grads_func = finalize_model_grads  # reduce_gate_grads below
     inputs, positions, labels = _batch(case)
     model(inputs, positions, None, labels=labels).float().mean().backward()
     reduce_gate_grads([model])  # finite: no error
@@ -85,11 +89,61 @@ def test_deferred_gates_refuse_megatrons_stock_finalize():
     assert message is not None and "megatron_wesar.grads.finalize_model_grads" in message
 
 
+def _custom_loop(rank, world_size, cases):
+    """One forward/backward of each case's model in a hand-written loop that never sets
+    config.finalize_model_grads_func: the error message, or (initial state, gate gradients)."""
+    from megatron.core import parallel_state
+
+    from megatron_wesar.layers import gate_parameters
+
+    out = []
+    for case in cases:
+        model = build_case_model(case)
+        assert model.config.finalize_model_grads_func is None
+        initial = gather_canonical(model)
+        inputs, positions, labels = _batch(case)
+        try:
+            logits = model(inputs, positions, None)  # float64: the gathered logits
+        except RuntimeError as err:
+            out.append(str(err))
+        else:
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                              labels.reshape(-1)).backward()
+            gates = {id(p) for _, p in gate_parameters(model)}
+            # raises if the TP ranks disagree (a gate gradient that is not the full sum)
+            grads = gather_canonical(model, values="grad", owned=gates)
+            out.append((initial, grads))
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.mark.parallel
+def test_custom_loop_at_tp2_gets_a_clear_error_or_exact_gate_sums():
+    """Deferred reduction without the gate-aware finalize (None) is an error at the first
+    forward; reduction in backward needs no finalize and gives the reference's gate gradients."""
+    deferred = Case(tp=2, sp=True)
+    in_backward = Case(tp=2, sp=True, swiglu=True, num_heads=8, num_query_groups=2,
+                       defer_gate_grad_reduction=False)
+    message, (initial, grads) = run_distributed(_custom_loop, 2, [deferred, in_backward])[0]
+    assert isinstance(message, str), message
+    assert "finalize_model_grads_func" in message and "found None" in message
+    assert "defer_gate_grad_reduction=False" in message
+    reference = ReferenceGPT(in_backward.arch(), initial)
+    inputs, _, labels = _batch(in_backward)
+    reference(inputs, labels).backward()
+    expected = {name: gate.grad for name, gate in reference.gates().items()}
+    assert grads.keys() == expected.keys() and len(grads) == in_backward.num_gates
+    for name, value in expected.items():
+        err = ((grads[name] - value).abs() / value.abs()).item()
+        assert err <= 1e-10, (name, grads[name].item(), value.item())
+
+
 def _gate_param_groups(rank, world_size, gate_lr_mult):
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_wesar.config import WeSaRConfig
+    from megatron_wesar.layers import gate_parameters
     from megatron_wesar.training.engine import build_engine, initialize_parallel
     from tests.helpers.oracle_harness import transformer_config
 
@@ -102,7 +156,7 @@ def _gate_param_groups(rank, world_size, gate_lr_mult):
         case.seq_len,
         OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1),
     )
-    gate_ids = {id(p) for n, p in engine.module.named_parameters() if n.endswith(".gate")}
+    gate_ids = {id(p) for _, p in gate_parameters(engine.module)}
     seen = []
     for group in engine.optimizer.param_groups:
         gates = [p for p in group["params"] if id(p) in gate_ids]
@@ -116,7 +170,7 @@ def _gate_param_groups(rank, world_size, gate_lr_mult):
 @pytest.mark.parallel
 def test_gates_get_no_weight_decay_and_their_lr_multiplier(gate_lr_mult):
     groups, n_gates = run_distributed(_gate_param_groups, 1, gate_lr_mult)[0]
-    assert n_gates == 4 * 2 + 2
+    assert n_gates == Case().num_gates
     assert sum(g[0] for g in groups) == n_gates
     for gates, matrices, lr, weight_decay in groups:
         if gates:

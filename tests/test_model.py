@@ -11,23 +11,28 @@ from tests.helpers.distributed import run_distributed
 from tests.helpers.gather import gather_canonical
 from tests.helpers.oracle_harness import Case, build_case_model
 
-ROLE_OF = {"qkv": "qkv", "proj": "attn_proj", "fc1": "fc1", "fc2": "fc2"}
+# the reference's (canonical) matrices of a layer -> their roles
+ROLE_OF = {"q": "q", "k": "k", "v": "v", "proj": "attn_proj", "fc1": "fc1",
+           "fc1_gate": "fc1_gate", "fc1_up": "fc1", "fc2": "fc2"}
 PAPER_SIGMA = math.sqrt(4e-5)
 # d = 256, N = 2 layers, d_ff = 1024: the backbones' stds written out by hand (residual-output
-# matrices carry 1 / sqrt(2N) = 1/2). He's word embedding is WeSaR's sigma itself.
+# matrices carry 1 / sqrt(2N) = 1/2). He's word embedding has the paper's sigma, whatever
+# WeSaR's sigma is.
 D, N, D_FF = 256, 2, 1024
 SMALL = math.sqrt(2 / (5 * D))
 BACKBONE_STD = {
-    "he": lambda sigma: {"qkv": math.sqrt(1 / D), "attn_proj": math.sqrt(1 / D) / 2,
-                         "fc1": math.sqrt(1 / D), "fc2": math.sqrt(2 / D_FF) / 2,
-                         "embedding": sigma, "output": math.sqrt(1 / D)},
-    "small": lambda sigma: {"qkv": SMALL, "attn_proj": SMALL / 2, "fc1": SMALL, "fc2": SMALL / 2,
-                            "embedding": SMALL, "output": SMALL},
-    "megatron": lambda sigma: {"qkv": 0.02, "attn_proj": 0.01, "fc1": 0.02, "fc2": 0.01,
-                               "embedding": 0.02, "output": 0.02},
+    "he": {"q": math.sqrt(1 / D), "k": math.sqrt(1 / D), "v": math.sqrt(1 / D),
+           "attn_proj": math.sqrt(1 / D) / 2, "fc1_gate": math.sqrt(1 / D),
+           "fc1": math.sqrt(1 / D), "fc2": math.sqrt(2 / D_FF) / 2, "embedding": PAPER_SIGMA,
+           "output": math.sqrt(1 / D)},
+    "small": {"q": SMALL, "k": SMALL, "v": SMALL, "attn_proj": SMALL / 2, "fc1_gate": SMALL,
+              "fc1": SMALL, "fc2": SMALL / 2, "embedding": SMALL, "output": SMALL},
+    "megatron": {"q": 0.02, "k": 0.02, "v": 0.02, "attn_proj": 0.01, "fc1_gate": 0.02,
+                 "fc1": 0.02, "fc2": 0.01, "embedding": 0.02, "output": 0.02},
 }
-STATS_CASE = Case(
-    num_layers=N, hidden_size=D, num_heads=4, ffn_hidden_size=D_FF, vocab_size=512, seq_len=8
+STATS_CASE = Case(  # grouped-query attention: 4 heads, 2 key/value heads
+    num_layers=N, hidden_size=D, num_heads=4, num_query_groups=2, ffn_hidden_size=D_FF,
+    vocab_size=512, seq_len=8
 )
 
 
@@ -44,12 +49,12 @@ def _initial_state(rank, world_size, cases):
 
 def _role_weights(sd: dict, tied: bool) -> dict:
     """role -> list of (weight, gate or None) of the gathered state dict."""
-    rows = {role: [] for role in ("qkv", "attn_proj", "fc1", "fc2", "embedding", "output")}
+    rows = {role: [] for role in BACKBONE_STD["he"]}
     for i in range(N):
         for name, role in ROLE_OF.items():
-            parts = "qkv" if name == "qkv" else [name]
-            weight = torch.cat([sd[f"layers.{i}.{p}.weight"] for p in parts])
-            rows[role].append((weight, sd.get(f"layers.{i}.{name}.gate")))
+            if f"layers.{i}.{name}.weight" in sd:
+                rows[role].append((sd[f"layers.{i}.{name}.weight"],
+                                   sd.get(f"layers.{i}.{name}.gate")))
     rows["embedding"].append((sd["embedding.weight"], sd.get("embedding.gate")))
     output = sd["embedding.weight"] if tied else sd["output.weight"]
     rows["output"].append((output, sd.get("output.gate")))
@@ -58,7 +63,7 @@ def _role_weights(sd: dict, tied: bool) -> dict:
 
 def _expected_gate(case: Case, role: str, sigma: float) -> float | None:
     """alpha_0 = backbone std / std of the W_bar it multiplies (None: not gated)."""
-    stds = BACKBONE_STD[case.backbone](sigma)
+    stds = BACKBONE_STD[case.backbone]
     gated = {"embedding": case.gate_embedding, "output": case.gate_output_layer}.get(role, True)
     if not (case.enabled and gated):
         return None
@@ -74,8 +79,9 @@ def _check_initial_state(case: Case, sd: dict, sigma: float) -> None:
     """Gates equal the hand-computed alpha_0 (to one rounding of their dtype); W_bar has std
     sigma when gated, the backbone std otherwise (2%); biases 0; norms gamma 1, beta 0; learned
     positions at the backbone's embedding std."""
-    stds = BACKBONE_STD[case.backbone](sigma)
+    stds = BACKBONE_STD[case.backbone]
     for role, rows in _role_weights(sd, case.tied).items():
+        assert rows or (role == "fc1_gate" and not case.swiglu), role
         owner = "embedding" if role == "output" and case.tied else role
         owner_gated = case.enabled and {"embedding": case.gate_embedding}.get(owner, True)
         want_std = sigma if owner_gated else stds[owner]
@@ -98,9 +104,9 @@ def _check_initial_state(case: Case, sd: dict, sigma: float) -> None:
 
 GATED = (("he", False, True), ("small", True, True), ("megatron", False, True),
          ("small", True, False))  # (backbone, tied, gate_embedding)
-INIT_CASES = [
+INIT_CASES = [  # SwiGLU (separate gate and up gates) with the second sigma
     replace(STATS_CASE, tp=2, backbone=backbone, tied=tied, gate_embedding=gate_embedding,
-            sigma=sigma)
+            sigma=sigma, swiglu=sigma is not None)
     for sigma in (None, 1e-3) for backbone, tied, gate_embedding in GATED
 ] + [replace(STATS_CASE, tp=2, backbone=backbone, tied=tied, enabled=False)
      for backbone, tied, _ in GATED[:3]]
@@ -116,9 +122,10 @@ def test_initial_gates_and_stds_match_the_hand_computed_tables():
 def test_initial_gate_table_literals():
     """Spot values of the tables above, in digits: He at the paper's sigma, d = 256."""
     he = Case(backbone="he")
-    assert _expected_gate(he, "qkv", PAPER_SIGMA) == pytest.approx(9.882117688, rel=1e-9)
+    assert _expected_gate(he, "q", PAPER_SIGMA) == pytest.approx(9.882117688, rel=1e-9)
     assert _expected_gate(he, "fc2", PAPER_SIGMA) == pytest.approx(3.493856214, rel=1e-9)
-    assert _expected_gate(he, "embedding", 1e-3) == 1.0
+    assert _expected_gate(he, "embedding", PAPER_SIGMA) == 1.0
+    assert _expected_gate(he, "embedding", 1e-3) == pytest.approx(6.324555320, rel=1e-9)
     tied_small = Case(backbone="small", tied=True, gate_embedding=False)
     assert _expected_gate(tied_small, "output", 1e-3) == 1.0
 
@@ -127,10 +134,11 @@ def _loss_and_gate_grads(rank, world_size, case, perturbations, rel_step=1e-5):
     """Loss of one batch, autograd gate grads, and losses at gate +/- h (central differences)."""
     from megatron.core import parallel_state
 
-    from megatron_wesar.grads import reduce_gate_grads
+    from megatron_wesar.grads import finalize_model_grads, reduce_gate_grads
     from megatron_wesar.layers import gate_parameters
 
     model = build_case_model(case)  # float64 with gathered logits
+    model.config.finalize_model_grads_func = finalize_model_grads  # reduce_gate_grads below
     tokens = case.global_batch(0)[: case.micro_batch_size]
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(case.seq_len).unsqueeze(0).expand_as(inputs)
@@ -158,15 +166,30 @@ def _loss_and_gate_grads(rank, world_size, case, perturbations, rel_step=1e-5):
     return grads, fd
 
 
-@pytest.mark.parametrize(
-    "case",
-    [Case(num_layers=2), Case(tp=2, sp=True, tied=True, swiglu=True, rope=True)],
-    ids=["tp1", "tp2-sp-tied-swiglu-rope"],
-)
+# every gate kind: q, k, v, attention output, fc1 (GeLU) or SwiGLU's gate and up, fc2, the word
+# embedding and the output layer
+FD_CASES = {
+    "tp1": Case(num_layers=2),
+    "tp2-sp-tied-gqa-swiglu-rope": Case(tp=2, sp=True, tied=True, swiglu=True, rope=True,
+                                        num_heads=8, num_query_groups=2),
+}
+GATE_KINDS = {
+    "tp1": ("gate_q", "gate_k", "gate_v", "linear_proj.gate", "linear_fc1.gate",
+            "linear_fc2.gate", "word_embeddings.gate", "output_layer.gate"),
+    "tp2-sp-tied-gqa-swiglu-rope": ("gate_q", "gate_k", "gate_v", "linear_proj.gate",
+                                    "gate_gate", "gate_up", "linear_fc2.gate",
+                                    "word_embeddings.gate", "output_layer.gate"),
+}
+
+
+@pytest.mark.parametrize("name", list(FD_CASES))
 @pytest.mark.parallel
-def test_gate_gradients_match_central_finite_differences(case):
+def test_gate_gradients_match_central_finite_differences(name):
+    case = FD_CASES[name]
     grads, fd = run_distributed(_loss_and_gate_grads, case.world_size, case, 100)[0]
-    assert len(fd) == 4 * case.num_layers + 2
+    assert len(fd) == case.num_gates
+    for kind in GATE_KINDS[name]:
+        assert any(gate.endswith(kind) for gate in fd), kind
     for name, numeric in fd.items():
         assert math.isclose(grads[name], numeric, rel_tol=1e-6, abs_tol=1e-10), (
             name, grads[name], numeric
@@ -177,14 +200,17 @@ def _gate_checkpoint_entries(rank, world_size, case):
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from megatron_wesar.layers import gate_parameters
+
     model = build_case_model(case)
-    plain = [k for k in model.state_dict() if k.endswith(".gate")]
+    plain = [name for name, _ in gate_parameters(model)]
+    assert set(plain) <= set(model.state_dict())
     sharded = model.sharded_state_dict()
     entries = {}
     for key, value in sharded.items():
-        if key.endswith(".gate"):
+        if key in plain:
             assert isinstance(value, ShardedTensor)
-            entries[key] = (tuple(value.global_shape), value.replica_id)
+            entries[key] = (tuple(value.global_shape), value.replica_id, value.key)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     parallel_state.destroy_model_parallel()
     return plain, entries, tp_rank
@@ -192,13 +218,56 @@ def _gate_checkpoint_entries(rank, world_size, case):
 
 @pytest.mark.parallel
 def test_gates_are_replicated_entries_of_both_state_dicts():
-    case = Case(tp=2, tied=True)
+    case = Case(tp=2, tied=True, swiglu=True)
     for plain, entries, tp_rank in run_distributed(_gate_checkpoint_entries, 2, case):
-        assert len(plain) == 4 * case.num_layers + 2
+        assert len(plain) == case.num_gates
         assert set(plain) <= set(entries), set(plain) - set(entries)
-        for key, (global_shape, replica_id) in entries.items():
+        # one checkpoint key per gate kind (the layers stacked), each gate of a fused layer its own
+        keys = {key for _, _, key in entries.values()}
+        assert len(keys) == case.gates_per_layer + 2, keys
+        for part in ("gate_q", "gate_k", "gate_v", "gate_gate", "gate_up"):
+            assert sum(key.endswith(f".{part}") for key in keys) == 1, (part, keys)
+        for key, (global_shape, replica_id, _) in entries.items():
             assert global_shape[-1] == 1, key
             assert replica_id[1] == tp_rank, (key, replica_id)  # replicated over TP
+
+
+def _load_old_format(rank, world_size, case):
+    """Load state dicts of the old format (one gate for a fused layer) into the model: the error
+    messages, and whether the model still holds its own gates afterwards."""
+    from megatron.core import parallel_state
+
+    from megatron_wesar.layers import OldGateFormatError
+
+    model = build_case_model(case)
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    messages = []
+    for layer, parts in (("self_attention.linear_qkv", ("q", "k", "v")),
+                         ("mlp.linear_fc1", ("gate", "up"))):
+        old = dict(before)
+        prefix = f"decoder.layers.1.{layer}."
+        old[prefix + "gate"] = old.pop(prefix + f"gate_{parts[0]}")
+        for part in parts[1:]:
+            del old[prefix + f"gate_{part}"]
+        try:
+            model.load_state_dict(old)
+        except OldGateFormatError as err:
+            messages.append(str(err))
+    unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items()
+                    if torch.is_tensor(v))
+    parallel_state.destroy_model_parallel()
+    return messages, unchanged
+
+
+@pytest.mark.parallel
+def test_old_one_gate_state_dict_is_refused_naming_the_old_format():
+    messages, unchanged = run_distributed(_load_old_format, 1, Case(swiglu=True))[0]
+    assert len(messages) == 2 and unchanged
+    qkv, fc1 = messages
+    assert "decoder.layers.1.self_attention.linear_qkv.gate: " in qkv
+    assert "old format with ONE gate" in qkv
+    assert "linear_qkv.gate_q, " in qkv and "linear_qkv.gate_v" in qkv
+    assert "linear_fc1.gate_gate, decoder.layers.1.mlp.linear_fc1.gate_up" in fc1
 
 
 def _non_finite_gate(rank, world_size, case):

@@ -7,6 +7,8 @@ from functools import lru_cache
 import pytest
 import torch
 
+from megatron_wesar.init import ROLES
+from megatron_wesar.layers import MatrixPart
 from megatron_wesar.monitor import (
     GateTrajectory,
     MegatronRule,
@@ -141,20 +143,26 @@ def _assert_stats(actual, expected, rel):
 
 
 class _FakeGated(torch.nn.Module):
-    """A module shaped like the WeSaR layers for the monitor: role, weight, gate."""
+    """A module shaped like a WeSaR layer of one matrix for the monitor: its part (role), weight
+    and gate."""
+
+    fused_layout = None
 
     def __init__(self, role, weight, gate, sharded):
         super().__init__()
-        self.role = role
+        self.matrix_parts = (MatrixPart("", role),)
         self.weight = torch.nn.Parameter(weight)
         self.gate = None if gate is None else torch.nn.Parameter(torch.tensor([gate]))
         if sharded:
             self.weight.tensor_model_parallel, self.weight.partition_dim = True, 0
 
+    def gates(self):
+        return [] if self.gate is None else [self.gate]
+
 
 FAKE = {  # name: (role, full shape, gate, sharded)
-    "a": ("qkv", (8, 6), 0.7, True),
-    "b": ("qkv", (4, 6), -1.3, False),
+    "a": ("q", (8, 6), 0.7, True),
+    "b": ("q", (4, 6), -1.3, False),
     "c": ("fc2", (6, 10), 2.0, True),
     "d": ("output", (10, 6), None, False),
 }
@@ -190,7 +198,7 @@ def _fake_run(rank, tp):
         g0 = torch.tensor(1.0 if g is None else g, dtype=torch.float32)
         g1 = g0 if g is None else g0 * torch.tensor(1.05, dtype=torch.float32)
         dense[n] = (role, full0[n], full1[n], g0.double(), g1.double())
-    return monitor.read(), _dense_stats(dense, ["qkv", "fc2", "output"]), len(calls)
+    return monitor.read(), _dense_stats(dense, ["q", "fc2", "output"]), len(calls)
 
 
 def test_update_ratio_single_process_matches_dense():
@@ -200,7 +208,7 @@ def test_update_ratio_single_process_matches_dense():
 
 
 def test_measure_requires_snapshot_and_read_is_empty_before():
-    layer = _FakeGated("qkv", torch.ones(2, 2), 1.0, False)
+    layer = _FakeGated("q", torch.ones(2, 2), 1.0, False)
     monitor = UpdateRatioMonitor(torch.nn.ModuleDict({"a": layer}))
     assert monitor.read() == {}
     with pytest.raises(RuntimeError, match="snapshot"):
@@ -209,7 +217,8 @@ def test_measure_requires_snapshot_and_read_is_empty_before():
 
 # --------------------------------------------------------------------------- TP=2 on megatron
 
-CASE = Case(tp=2, sp=True, dtype=torch.float32)
+# grouped-query attention and SwiGLU: the parts of both fused weights are matrices of their own
+CASE = Case(tp=2, sp=True, dtype=torch.float32, num_heads=8, num_query_groups=2, swiglu=True)
 
 
 def _tp2_rank(rank, world_size, case):
@@ -222,7 +231,7 @@ def _tp2_rank(rank, world_size, case):
         lm_forward_step,
         train_step,
     )
-    from tests.helpers.gather import canonical_name, gather_canonical
+    from tests.helpers.gather import gather_canonical
     from tests.helpers.oracle_harness import (
         _gpt_kwargs,
         _microbatches,
@@ -239,8 +248,7 @@ def _tp2_rank(rank, world_size, case):
     )
     monitor = UpdateRatioMonitor(engine.model)
     gates = GateTrajectory(engine.model)
-    canonical = {m.name: canonical_name(engine.module, m.name + ".weight")
-                 for m in monitor.matrices}
+    canonical = {m.name: _canonical_matrix(engine.module, m.name) for m in monitor.matrices}
     steps = []
     for step in range(2):  # the second step reuses the snapshot buffers
         record = {}
@@ -276,11 +284,21 @@ def tp2_results():
     return run_distributed(_tp2_rank, CASE.world_size, CASE)
 
 
-def _dense_parts(state, canon):
-    """The dense pieces of one matrix: the fused qkv is split into q, k, v canonically."""
-    if ".qkv." in canon:
-        return torch.cat([state[canon.replace(".qkv.", f".{p}.")] for p in "qkv"])
-    return state[canon]
+# the part of a fused weight (the last component of a monitor's matrix name) -> the reference's
+# matrix
+_PARTS = {"linear_qkv": {"q": "q", "k": "k", "v": "v"},
+          "linear_fc1": {"gate": "fc1_gate", "up": "fc1_up"}}
+
+
+def _canonical_matrix(module, name):
+    """The reference's name of a monitor's matrix (e.g. layers.1.k, embedding, output)."""
+    from tests.helpers.gather import canonical_name
+
+    layer, _, part = name.rpartition(".")
+    if layer.rpartition(".")[2] in _PARTS:
+        prefix = canonical_name(module, layer + ".weight").rsplit(".", 2)[0]
+        return f"{prefix}.{_PARTS[layer.rpartition('.')[2]][part]}"
+    return canonical_name(module, name + ".weight").rsplit(".", 1)[0]
 
 
 @pytest.mark.parallel
@@ -296,7 +314,7 @@ def test_tp2_sp_update_ratios_and_norms_match_dense_after_a_megatron_step():
     results = tp2_results()
     r0 = results[0]
     roles = r0["roles"]
-    assert set(roles.values()) == {"qkv", "attn_proj", "fc1", "fc2", "embedding", "output"}
+    assert sorted(set(roles.values())) == sorted(ROLES)
     for step in range(2):
         for result in results:
             assert result["steps"][step]["collectives"] == 1
@@ -305,13 +323,13 @@ def test_tp2_sp_update_ratios_and_norms_match_dense_after_a_megatron_step():
         before, after = record["before"], record["after"]
         dense = {}
         for name, canon in r0["canonical"].items():
-            gate = canon.rsplit(".", 1)[0] + ".gate"
-            dense[name] = (roles[name], _dense_parts(before, canon), _dense_parts(after, canon),
+            gate = f"{canon}.gate"
+            dense[name] = (roles[name], before[f"{canon}.weight"], after[f"{canon}.weight"],
                            before[gate].double(), after[gate].double())
             assert not torch.equal(dense[name][1], dense[name][2])
         expected = _dense_stats(dense, [r for r in dict.fromkeys(roles.values())])
         _assert_stats(record["read"], expected, rel=1e-5)
         assert results[1]["steps"][step]["read"] == record["read"]  # TP ranks agree exactly
-        assert record["gates"] == {f"gate/{n}": after[c.rsplit(".", 1)[0] + ".gate"].item()
+        assert record["gates"] == {f"gate/{n}": after[f"{c}.gate"].item()
                                    for n, c in r0["canonical"].items()}
     assert all(len(v) == 2 for v in r0["trajectory"].values())

@@ -23,10 +23,15 @@ CASES = {
     "tp1-small-tied": Case(backbone="small", tied=True),
     "tp1-megatron-swiglu-rope-rms": Case(backbone="megatron", swiglu=True, rope=True, rmsnorm=True),
     "tp1-baseline": Case(enabled=False),
+    # grouped-query attention (8 heads, 2 key/value heads) and separate SwiGLU gate/up gates
+    "tp1-gqa-swiglu": Case(num_heads=8, num_query_groups=2, swiglu=True),
     "tp2-he": Case(tp=2),
     "tp2-sp-small-tied": Case(tp=2, sp=True, backbone="small", tied=True),
     "tp2-sp-megatron-swiglu-rope": Case(tp=2, sp=True, backbone="megatron", swiglu=True, rope=True),
     "tp2-baseline-sp": Case(tp=2, sp=True, enabled=False),
+    "tp2-sp-gqa-swiglu-shared-glu-gate": Case(
+        tp=2, sp=True, num_heads=8, num_query_groups=2, swiglu=True, share_glu_gates=True
+    ),
     "tp2-sp-sigma1e-3-ungated-ends-frozen-gates": Case(
         tp=2, sp=True, sigma=1e-3, gate_embedding=False, gate_output_layer=False, train_gates=False
     ),
@@ -36,6 +41,9 @@ CASES = {
     "dp2": Case(dp=2),
     "tp4-sp-tied": Case(tp=4, sp=True, tied=True),
     "tp4-megatron-swiglu-rope": Case(tp=4, backbone="megatron", swiglu=True, rope=True),
+    "tp4-sp-gqa-swiglu-rope": Case(
+        tp=4, sp=True, num_heads=8, num_query_groups=4, swiglu=True, rope=True
+    ),
     "tp2pp2-sp-tied": Case(tp=2, pp=2, sp=True, tied=True),
     "tp2-sp-gate-allreduce-in-backward": Case(tp=2, sp=True, defer_gate_grad_reduction=False),
     "tp2-sp-in-backward-stock-finalize": Case(

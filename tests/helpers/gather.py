@@ -1,8 +1,9 @@
 """Gather a sharded megatron-core WeSaR GPT into the reference decoder's canonical state dict.
 
 Every rank converts its local parameters to canonical names (splitting Megatron's fused layouts:
-per-group [q, k, v] rows of linear_qkv, per-rank [gate, up] rows of a SwiGLU linear_fc1), then
-all ranks exchange them and concatenate the tensor-parallel shards in TP-rank order.
+per-group [q, k, v] rows of linear_qkv, per-rank [gate, up] rows of a SwiGLU linear_fc1, and
+their gates gate_q, gate_k, gate_v, gate_gate, gate_up), then all ranks exchange them and
+concatenate the tensor-parallel shards in TP-rank order.
 """
 from __future__ import annotations
 
@@ -52,10 +53,18 @@ def canonical_name(model, name: str) -> str | None:
     raise KeyError(f"unexpected parameter {name}")
 
 
+# the gate of each part of a fused layer (<layer>.gate_<part>) -> the reference's matrix
+_GATE_PARTS = {"qkv": {"q": "q", "k": "k", "v": "v"}, "fc1": {"gate": "fc1_gate", "up": "fc1_up"}}
+
+
 def _split_fused(model, canon: str, tensor: torch.Tensor) -> dict:
-    """Split Megatron's fused local layouts into canonical local pieces."""
+    """Split Megatron's fused local layouts into canonical local pieces: the weight and bias rows
+    of each matrix, and the gate of each matrix (`<layer>.gate_<part>` -> `<matrix>.gate`)."""
     config = model.config
-    leaf = canon.rsplit(".", 1)[1]
+    head, leaf = canon.rsplit(".", 1)
+    prefix, _, layer = head.rpartition(".")
+    if leaf.startswith("gate_") and layer in _GATE_PARTS:
+        return {f"{prefix}.{_GATE_PARTS[layer][leaf[len('gate_'):]]}.gate": tensor}
     if ".qkv." in canon and leaf in ("weight", "bias"):
         heads = config.num_attention_heads
         groups = config.num_query_groups or heads
@@ -63,14 +72,12 @@ def _split_fused(model, canon: str, tensor: torch.Tensor) -> dict:
         per_group = heads // groups
         rows = tensor.view(-1, (per_group + 2) * hn, *tensor.shape[1:])
         q, k, v = rows.split([per_group * hn, hn, hn], dim=1)
-        prefix = canon.rsplit(".", 2)[0]
         return {
             f"{prefix}.{name}.{leaf}": part.reshape(-1, *tensor.shape[1:])
             for name, part in (("q", q), ("k", k), ("v", v))
         }
     if ".fc1." in canon and leaf in ("weight", "bias") and config.gated_linear_unit:
         gate, up = tensor.chunk(2, dim=0)
-        prefix = canon.rsplit(".", 2)[0]
         return {f"{prefix}.fc1_gate.{leaf}": gate, f"{prefix}.fc1_up.{leaf}": up}
     return {canon: tensor}
 

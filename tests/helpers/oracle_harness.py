@@ -30,6 +30,7 @@ class Case:
     tied: bool = False
     backbone: str = "he"
     swiglu: bool = False
+    share_glu_gates: bool = False
     rope: bool = False
     rmsnorm: bool = False
     enabled: bool = True
@@ -48,6 +49,7 @@ class Case:
     num_layers: int = 2
     hidden_size: int = 32
     num_heads: int = 4
+    num_query_groups: int | None = None  # None: MHA; fewer than num_heads: GQA
     ffn_hidden_size: int = 64
     vocab_size: int = 64
     lr: float = 5e-4
@@ -70,19 +72,27 @@ class Case:
             num_heads=self.num_heads,
             ffn_hidden_size=self.ffn_hidden_size,
             max_seq_len=self.seq_len,
+            num_query_groups=self.num_query_groups,
             swiglu=self.swiglu,
+            share_glu_gates=self.share_glu_gates,
             rope=self.rope,
             tied=self.tied,
             rmsnorm=self.rmsnorm,
         )
 
     @property
+    def gates_per_layer(self) -> int:
+        """q, k, v, attention output, fc1 (SwiGLU: gate and up, unless shared) and fc2."""
+        return 7 if self.swiglu and not self.share_glu_gates else 6
+
+    @property
     def num_gates(self) -> int:
-        """How many gates the model has: 4 per layer, plus the gated embedding and output."""
+        """How many gates the model has: one per matrix of each layer, plus the gated embedding
+        and output."""
         if not self.enabled:
             return 0
         ends = 0 if self.layer_spec_only else self.gate_embedding + self.gate_output_layer
-        return 4 * self.num_layers + ends
+        return self.gates_per_layer * self.num_layers + ends
 
     def global_batch(self, step: int) -> torch.Tensor:
         """Token ids [global batch, seq_len + 1] of `step` (a new batch every step), the same for
@@ -100,6 +110,7 @@ def transformer_config(case: Case):
         num_layers=case.num_layers,
         hidden_size=case.hidden_size,
         num_attention_heads=case.num_heads,
+        num_query_groups=case.num_query_groups,
         ffn_hidden_size=case.ffn_hidden_size,
         tensor_model_parallel_size=case.tp,
         pipeline_model_parallel_size=case.pp,
@@ -133,6 +144,7 @@ def wesar_config(case: Case):
         gate_output_layer=case.gate_output_layer,
         train_gates=case.train_gates,
         defer_gate_grad_reduction=case.defer_gate_grad_reduction,
+        share_glu_gates=case.share_glu_gates,
         **({} if case.sigma is None else {"sigma": case.sigma}),
     )
 
@@ -237,13 +249,14 @@ def run_megatron_case(rank: int, world_size: int, case: Case) -> dict:
     """Train `case` for case.steps steps on this rank; return the gathered per-step records."""
     from megatron.core import parallel_state
 
+    from megatron_wesar.layers import gate_parameters
     from megatron_wesar.training.engine import lm_forward_step, train_step
 
     assert world_size == case.world_size
     engine = build_case_engine(case)
     records = {"losses": [], "gate_grads": [], "gates": [], "grad_norms": []}
     records["initial"] = gather_canonical(engine.module)
-    gates = [p for n, p in engine.module.named_parameters() if n.endswith(".gate")]
+    gates = [p for _, p in gate_parameters(engine.module)]
     # with the distributed optimizer each reduced gate gradient lives on one DP rank only
     owned = (distributed_optimizer_owned(engine.optimizer, gates)
              if case.distributed_optimizer else None)

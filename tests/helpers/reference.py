@@ -1,9 +1,10 @@
 """An independent dense reference decoder in plain PyTorch (no megatron imports).
 
 The oracle of docs/design.md section 4: a single-process pre-LN GPT with the WeSaR math written out
-directly, W_eff = gate * W_bar for every gated matrix. It loads a flat state dict in its own
-canonical layout (separate q/k/v and gate/up weights, one gate per fused matrix), which the tests
-build by gathering the shards of the megatron-core model.
+directly, W_eff = gate * W_bar for every gated matrix. It holds every matrix separately, with
+its own gate (W_q, W_k, W_v with grouped-query attention's fewer key/value heads; W_gate and W_up
+of SwiGLU), and loads a flat state dict in that canonical layout, which the tests build by
+gathering the shards of the megatron-core model and splitting its fused matrices.
 """
 from __future__ import annotations
 
@@ -24,13 +25,20 @@ class ReferenceArch:
     num_heads: int
     ffn_hidden_size: int
     max_seq_len: int
+    num_query_groups: int | None = None  # None: one key/value head per query head (MHA)
     swiglu: bool = False
+    share_glu_gates: bool = False  # SwiGLU: one gate `fc1.gate` for W_gate and W_up
     rope: bool = False
     rope_base: float = 10000.0
     tied: bool = False
     rmsnorm: bool = False
     norm_eps: float = 1e-5
     bias: bool = True
+
+    @property
+    def groups(self) -> int:
+        """The number of key/value heads."""
+        return self.num_query_groups or self.num_heads
 
 
 class GatedDense(torch.nn.Module):
@@ -47,20 +55,6 @@ class GatedDense(torch.nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.effective_weight(), self.bias)
-
-
-def _split_dense(dense: GatedDense, prefix: str, name: str, parts: dict) -> dict:
-    """Canonical entries of a (possibly fused) dense layer: its weight/bias rows split into
-    `parts` ({canonical part name: rows}), and its gate under `name`."""
-    out = {}
-    for leaf in ("weight", "bias"):
-        tensor = getattr(dense, leaf)
-        if tensor is not None:
-            for part, piece in zip(parts, tensor.split(list(parts.values()))):
-                out[f"{prefix}{part}.{leaf}"] = piece
-    if dense.gate is not None:
-        out[f"{prefix}{name}.gate"] = dense.gate
-    return out
 
 
 class Norm(torch.nn.Module):
@@ -93,6 +87,9 @@ def _rope(x, base: float):
 
 
 class Block(torch.nn.Module):
+    """One pre-LN layer: every matrix (W_q, W_k, W_v, W_o, W_gate, W_up, W_d) a separate dense
+    layer with its own gate, in the canonical names `layers.<i>.<matrix>.{weight,bias,gate}`."""
+
     def __init__(self, arch: ReferenceArch, sd: dict, prefix: str):
         super().__init__()
         self.arch = arch
@@ -100,58 +97,62 @@ class Block(torch.nn.Module):
         def get(name):
             return sd.get(prefix + name)
 
+        def dense(name):
+            return GatedDense(get(f"{name}.weight"), get(f"{name}.bias"), get(f"{name}.gate"))
+
         self.ln1 = Norm(get("ln1.weight"), get("ln1.bias"), arch.rmsnorm, arch.norm_eps)
-        qkv_w = torch.cat([get("q.weight"), get("k.weight"), get("v.weight")])
-        qkv_b = None if get("q.bias") is None else torch.cat(
-            [get("q.bias"), get("k.bias"), get("v.bias")]
-        )
-        self.qkv = GatedDense(qkv_w, qkv_b, get("qkv.gate"))
-        self.proj = GatedDense(get("proj.weight"), get("proj.bias"), get("proj.gate"))
         self.ln2 = Norm(get("ln2.weight"), get("ln2.bias"), arch.rmsnorm, arch.norm_eps)
-        if arch.swiglu:
-            fc1_w = torch.cat([get("fc1_gate.weight"), get("fc1_up.weight")])
-            fc1_b = None if get("fc1_gate.bias") is None else torch.cat(
-                [get("fc1_gate.bias"), get("fc1_up.bias")]
-            )
-        else:
-            fc1_w, fc1_b = get("fc1.weight"), get("fc1.bias")
-        self.fc1 = GatedDense(fc1_w, fc1_b, get("fc1.gate"))
-        self.fc2 = GatedDense(get("fc2.weight"), get("fc2.bias"), get("fc2.gate"))
+        names = ["q", "k", "v", "proj"]
+        names += ["fc1_gate", "fc1_up"] if arch.swiglu else ["fc1"]
+        self.dense = torch.nn.ModuleDict({name: dense(name) for name in names + ["fc2"]})
+        self.shared_glu_gate = None
+        if arch.swiglu and arch.share_glu_gates and get("fc1.gate") is not None:
+            self.shared_glu_gate = torch.nn.Parameter(get("fc1.gate").clone())
+
+    def gates(self, prefix: str) -> dict:
+        """canonical name -> gate parameter of this block."""
+        out = {f"{prefix}{name}.gate": d.gate for name, d in self.dense.items()
+               if d.gate is not None}
+        if self.shared_glu_gate is not None:
+            out[f"{prefix}fc1.gate"] = self.shared_glu_gate
+        return out
 
     def canonical_state(self, prefix: str) -> dict:
         """This block's tensors under the canonical names it was loaded from."""
-        d, ffn = self.arch.hidden_size, self.arch.ffn_hidden_size
         out = {f"{prefix}ln1.{k}": v for k, v in self.ln1.named_parameters()}
         out.update({f"{prefix}ln2.{k}": v for k, v in self.ln2.named_parameters()})
-        out.update(_split_dense(self.qkv, prefix, "qkv", {"q": d, "k": d, "v": d}))
-        out.update(_split_dense(self.proj, prefix, "proj", {"proj": d}))
-        fc1_parts = {"fc1_gate": ffn, "fc1_up": ffn} if self.arch.swiglu else {"fc1": ffn}
-        out.update(_split_dense(self.fc1, prefix, "fc1", fc1_parts))
-        out.update(_split_dense(self.fc2, prefix, "fc2", {"fc2": d}))
+        for name, d in self.dense.items():
+            out.update({f"{prefix}{name}.{k}": v for k, v in d.named_parameters()})
+        out.update(self.gates(prefix))
         return out
+
+    def _linear(self, name, x):
+        if self.shared_glu_gate is not None and name.startswith("fc1_"):
+            d = self.dense[name]
+            return F.linear(x, self.shared_glu_gate * d.weight, d.bias)
+        return self.dense[name](x)
 
     def attention(self, x):
         b, s, d = x.shape
-        h = self.arch.num_heads
+        h, groups = self.arch.num_heads, self.arch.groups
         hd = d // h
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (t.view(b, s, h, hd).transpose(1, 2) for t in (q, k, v))
+        q = self._linear("q", x).view(b, s, h, hd).transpose(1, 2)
+        k, v = (self._linear(n, x).view(b, s, groups, hd).transpose(1, 2) for n in "kv")
+        k, v = (t.repeat_interleave(h // groups, dim=1) for t in (k, v))  # query head -> group
         if self.arch.rope:
             q, k = _rope(q, self.arch.rope_base), _rope(k, self.arch.rope_base)
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
         causal = torch.ones(s, s, dtype=torch.bool).triu(1)
         scores = scores.masked_fill(causal, float("-inf"))
         ctx = scores.softmax(-1) @ v
-        return self.proj(ctx.transpose(1, 2).reshape(b, s, d))
+        return self._linear("proj", ctx.transpose(1, 2).reshape(b, s, d))
 
     def mlp(self, x):
-        h = self.fc1(x)
         if self.arch.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = F.silu(self._linear("fc1_gate", x)) * self._linear("fc1_up", x)
         else:
-            h = F.gelu(h)
-        return self.fc2(h)
+            h = F.gelu(self._linear("fc1", x))
+        return self._linear("fc2", h)
 
     def forward(self, x):
         x = x + self.attention(self.ln1(x))
@@ -183,8 +184,7 @@ class ReferenceGPT(torch.nn.Module):
         """name -> gate parameter, in the canonical names of the state dict."""
         out = {"embedding.gate": self.embedding_gate, "output.gate": self.output_gate}
         for i, block in enumerate(self.blocks):
-            for name in ("qkv", "proj", "fc1", "fc2"):
-                out[f"layers.{i}.{name}.gate"] = getattr(block, name).gate
+            out.update(block.gates(f"layers.{i}."))
         return {k: v for k, v in out.items() if v is not None}
 
     def canonical_state_dict(self) -> dict:
