@@ -218,8 +218,8 @@ def figure_gates(summary: Summary, cache: dict, path: str) -> bool:
     if not gated:
         return False
     fig, axes = plt.subplots(1, len(gated), figsize=(6.5 * len(gated), 4), squeeze=False)
-    role_colors = dict(zip(ROLES + ("other",), ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e",
-                                                 "#9467bd", "#8c564b", "#7f7f7f"]))
+    palette = plt.get_cmap("tab10").colors
+    role_colors = {role: palette[i % len(palette)] for i, role in enumerate((*ROLES, "other"))}
     for ax, m in zip(axes[0], gated):
         lr = summary["methods"][m]["lr"]
         runs = runs_at(summary, m, lr)

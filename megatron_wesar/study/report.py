@@ -21,7 +21,8 @@ from .tables import table_best, table_grid, table_spikes, table_update_ratios
 
 
 def _header(summary: Summary, study: dict) -> str:
-    """The title, the setup, the grid of runs, the methods and any failed runs."""
+    """The title, the setup, the grid of runs, the methods, and any stop, failed or skipped
+    runs."""
     config = summary.get("config") or study or {}
     lines = [f"# WeSaR study{': ' + config['preset'] if config.get('preset') else ''}", ""]
     if config.get("description"):
@@ -45,15 +46,26 @@ def _header(summary: Summary, study: dict) -> str:
     if config.get("pretrain_args"):
         lines += ["", "Driver arguments shared by every run: `"
                   + " ".join(config["pretrain_args"]) + "`"]
+    if config.get("stopped_during"):
+        lines += ["", f"**Stopped.** The study stopped during `{config['stopped_during']}` (an "
+                      "exit signal), before its remaining runs; the same command resumes it."]
     failed = config.get("failed_runs") or {}
     if failed:
-        lines += ["", "**Failed runs.** " + "; ".join(f"{k}: {v}" for k, v in failed.items())]
+        lines += ["", "**Failed runs** (each run's error.txt holds the whole traceback):", ""]
+        for name, message in failed.items():
+            lines += [f"- `{name}`:", "  ```", *(f"  {line}" for line in message.splitlines()),
+                      "  ```"]
+    skipped = summary.get("skipped_runs") or {}
+    if skipped:
+        lines += ["", "**Skipped runs** (metrics files that cannot be read):", ""]
+        lines += [f"- `{path}`: {why}" for path, why in skipped.items()]
     return "\n".join(lines)
 
 
 def render_report(study_dir: str, summary: Summary | None = None) -> str:
     """Write DIR/report.md and the PNGs; return the report's path. The summary is read from
-    summary.json (written from the run folders first when it does not exist)."""
+    summary.json (written from the run folders first when it does not exist). A study whose
+    runs all failed (or were skipped) gets the header alone, which lists them."""
     study_dir = os.path.abspath(study_dir)
     if summary is None:
         summary = load_summary(study_dir)
@@ -61,9 +73,16 @@ def render_report(study_dir: str, summary: Summary | None = None) -> str:
         summary = write_summary(study_dir)
     else:
         summary = normalized(summary)
-    if not summary["runs"]:
-        raise ValueError(f"{study_dir}: no runs with a metrics file under runs/")
     study = read_json(os.path.join(study_dir, "study.json")) or {}
+    path = os.path.join(study_dir, "report.md")
+    if not summary["runs"]:
+        config = summary.get("config") or study
+        if not (config.get("failed_runs") or summary.get("skipped_runs")):
+            raise ValueError(f"{study_dir}: no runs with a metrics file under runs/")
+        with open(path, "w") as f:
+            f.write(_header(summary, study) + "\n\nNo run has a readable metrics file: nothing "
+                    "to compare.\n")
+        return path
     has_gates = draw_figures(study_dir, summary)
     from ..monitor import default_rules
 
@@ -101,7 +120,6 @@ def render_report(study_dir: str, summary: Summary | None = None) -> str:
     if has_gates:
         sections += ["## Gates", "Each gate relative to its first logged value, at the gated "
                      "method's best LR.", f"![gates]({FIGURES['gates']})"]
-    path = os.path.join(study_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n\n".join(sections) + "\n")
     return path

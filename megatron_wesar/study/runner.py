@@ -12,6 +12,12 @@ progress bar over runs, then writes `DIR/summary.json` and renders `DIR/report.m
 
 A run whose metrics file already holds a complete run with the same arguments is not trained
 again (delete its folder, or pass --rerun, to retrain it); a study can thus be resumed.
+
+A run that raises is recorded (its traceback in the run's `error.txt`, its message in
+study.json's `failed_runs`) and the study goes on; a run that ends before its last step without
+an error was stopped by an exit signal (the driver ends the run after the current step), and the
+study stops there. Either way the summary and the report are written, and the command exits
+non-zero. The ranks never outlive the study's top process (`launch`).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from ..compat.megatron_core import destroy_process_groups_since, process_groups
 from ..coordination import atomic_write_json, broadcast_from_rank0, gather_objects
 from ..options import to_argv
 from ..training.arguments import PretrainConfig, parse_overrides, pretrain_config
+from .launch import die_with_parent, launch
 from .summary import format_lr, load_metrics, run_name, write_summary
 
 
@@ -295,6 +302,42 @@ def is_complete(path: str, run_config: PretrainConfig) -> bool:
     return not (run_config.logging.eval_interval and not metrics.evals)
 
 
+def _stopped_early(path: str, train_iters: int) -> bool:
+    """Whether the metrics file of a run that returned ends before its last step."""
+    try:
+        steps = load_metrics(path).steps
+    except (OSError, ValueError):
+        return True
+    return not steps or steps[-1]["iteration"] < train_iters
+
+
+def failure_message(err: BaseException) -> str:
+    """The whole message of `err` (every line), where it was raised, and what it was raised
+    from: what a study records of a failed run (the traceback goes to its error.txt)."""
+    parts = []
+    while err is not None:
+        frames = traceback.extract_tb(err.__traceback__)
+        where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in " \
+                f"{frames[-1].name})" if frames else ""
+        parts.append("".join(traceback.format_exception_only(type(err), err)).rstrip() + where)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return "\ncaused by: ".join(parts)
+
+
+@dataclass
+class StudyOutcome:
+    """What a study ended with, on every rank (the summary on rank 0 only)."""
+
+    summary: dict | None
+    failed_runs: dict  # {run name: failure_message}
+    stopped_during: str | None  # the run an exit signal stopped, the study with it
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every run of the plan finished, else 1."""
+        return 1 if self.failed_runs or self.stopped_during else 0
+
+
 def _last_valid(path: str):
     try:
         metrics = load_metrics(path)
@@ -303,9 +346,9 @@ def _last_valid(path: str):
     return metrics.evals[-1][1] if metrics.evals else None
 
 
-def run_study(config: StudyConfig, log=print) -> dict | None:
-    """Train every run of the study on the current process group (every rank calls this);
-    rank 0 writes summary.json and the report and returns the summary, other ranks None."""
+def run_study(config: StudyConfig, log=print) -> StudyOutcome:
+    """Train every run of the study on the current process group (every rank calls this) until
+    the plan ends or an exit signal stops a run; rank 0 writes summary.json and the report."""
     import torch.distributed as dist
 
     from ..training.pretrain import init_distributed, pretrain
@@ -325,7 +368,7 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
             f"-> {config.out_dir}")
     dist.barrier()
     start = time.perf_counter()
-    timings, failures = {}, {}
+    timings, failures, stopped = {}, {}, None
     for index, key in enumerate(plan):
         method, lr, seed = key
         run_dir, metrics_path = config.run_dir(*key), config.metrics_path(*key)
@@ -349,8 +392,8 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
             try:
                 pretrain(run_config, log=partial(print, file=log_file, flush=True)
                          if log_file else (lambda line: None))
-            except Exception:  # noqa: BLE001 - a failed run is recorded, the study goes on
-                error = traceback.format_exc()
+            except Exception as err:  # noqa: BLE001 - a failed run is recorded, the study goes on
+                error = (traceback.format_exc(), failure_message(err))
                 _cleanup_parallel_state()
             finally:
                 if log_file:
@@ -358,10 +401,13 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
             errors = [e for e in gather_objects(error) if e]
             if errors:
                 status = "FAILED"
-                failures[run_name(*key)] = errors[0].strip().splitlines()[-1]
+                failures[run_name(*key)] = errors[0][1]
                 if rank == 0:
                     with open(os.path.join(run_dir, "error.txt"), "w") as f:
-                        f.write(errors[0])
+                        f.write(errors[0][0])
+            elif broadcast_from_rank0(
+                    rank == 0 and _stopped_early(metrics_path, run_config.training.train_iters)):
+                status, stopped = "STOPPED", run_name(*key)
             destroy_process_groups_since(groups_before)
             gc.collect()
         dist.barrier()
@@ -375,24 +421,30 @@ def run_study(config: StudyConfig, log=print) -> dict | None:
                 f"lr={format_lr(lr)} seed={seed} {val_text} ({status}, "
                 f"{timings[run_name(*key)]:.1f}s; elapsed {_duration(elapsed)}, "
                 f"eta {_duration(eta)})")
+        if stopped:
+            break
     summary = None
     if rank == 0:
         wall = time.perf_counter() - start
         info = config.to_json()
         info.update(wall_time_s=wall, run_time_s=timings, failed_runs=failures,
-                    world_size=dist.get_world_size())
+                    stopped_during=stopped, world_size=dist.get_world_size())
         atomic_write_json(os.path.join(config.out_dir, "study.json"), info)
         summary = write_summary(config.out_dir, info)
         log(f"summary: {os.path.join(config.out_dir, 'summary.json')}")
-        if config.report and not summary["runs"]:
-            log("no run wrote metrics: no report")
-        elif config.report:
+        if config.report:
             from .report import render_report
 
             path = render_report(config.out_dir, summary)
             log(f"report: {path}")
+        if stopped:
+            log(f"study stopped during {stopped} (an exit signal); the same command resumes it")
+        for name, message in failures.items():
+            log(f"FAILED {name}: {message}")
+        if failures:
+            log(f"{len(failures)} of {len(plan)} runs failed (tracebacks in their error.txt)")
     dist.barrier()
-    return summary
+    return StudyOutcome(summary, failures, stopped)
 
 
 def _cleanup_parallel_state() -> None:
@@ -407,23 +459,22 @@ def _cleanup_parallel_state() -> None:
 
 
 def main(argv=None) -> int:
-    """`megatron-wesar study`: under torchrun, or one rank, run here; else start torchrun."""
+    """`megatron-wesar study`: under torchrun, or one rank, run here; else start torchrun. Exits
+    1 when a run failed or the study was stopped (see StudyOutcome)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config = parse_study_args(argv)
     if "RANK" not in os.environ and config.nproc > 1:
-        from torch.distributed.run import main as torchrun
-
-        torchrun(["--standalone", "--nproc-per-node", str(config.nproc), "-m", "megatron_wesar",
-                  "study", *argv])
-        return 0
+        return launch(config.nproc, argv)
+    if "RANK" in os.environ:
+        die_with_parent()  # torchrun's agent: the ranks end with it
     import torch.distributed as dist
 
     from ..compat import enable_cpu_compat
 
     enable_cpu_compat()
     try:
-        run_study(config)
+        outcome = run_study(config)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return outcome.exit_code

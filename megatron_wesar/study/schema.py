@@ -77,3 +77,4 @@ class Summary(TypedDict):
     grid: dict[str, dict[str, GridCell]]  # {method: {format_lr(lr): cell}}
     best_baseline: BestBaseline | None
     baseline_methods: list
+    skipped_runs: dict              # {metrics file: why it could not be read}

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from ..coordination import atomic_write_json
@@ -85,21 +86,29 @@ def _number(value):
         return None
 
 
+class MetricsFileError(ValueError):
+    """A metrics file that cannot be read as one (not UTF-8, malformed records)."""
+
+
 def load_metrics(path: str) -> RunMetrics:
     """Parse one metrics.jsonl. Torn lines (a run still writing, or killed mid-line and resumed)
     are skipped and counted; a record of an iteration seen before replaces the earlier one (a
-    resumed run repeats iterations)."""
+    resumed run repeats iterations). A damaged file (bytes that are not UTF-8, an iteration that
+    is not an integer, no complete record at all) raises MetricsFileError naming the file and
+    line."""
     metrics = RunMetrics()
     steps, evals = {}, {}
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         lines = f.read().splitlines()
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
+            if any("\udc80" <= c <= "\udcff" for c in line):  # undecodable bytes
+                raise MetricsFileError(f"{path}:{number}: not UTF-8") from None
             metrics.torn_lines += 1
             continue
         if not isinstance(obj, dict):
@@ -110,13 +119,19 @@ def load_metrics(path: str) -> RunMetrics:
         iteration = obj.get("iteration")
         if iteration is None:
             continue
+        if not (type(iteration) is int or isinstance(iteration, float) and iteration.is_integer()):
+            raise MetricsFileError(f"{path}:{number}: iteration {iteration!r} is not an integer")
         iteration = int(iteration)
         if "valid_loss" in obj:
             evals[iteration] = _number(obj["valid_loss"])
         if "loss" in obj:
             record = dict(steps.get(iteration, {}))
             record.update({k: v for k, v in obj.items() if k != "valid_loss"})
+            record["iteration"] = iteration
             steps[iteration] = record
+    if metrics.torn_lines and not (metrics.header or steps or evals):
+        raise MetricsFileError(f"{path}: no complete record ({metrics.torn_lines} line(s) that "
+                               "are not JSON)")
     metrics.steps = [steps[i] for i in sorted(steps)]
     metrics.evals = [(i, evals[i]) for i in sorted(evals)]
     return metrics
@@ -419,19 +434,26 @@ def discover_runs(study_dir: str) -> list:
 
 def summarize(study_dir: str, config: dict | None = None) -> Summary:
     """The summary of a study folder: {"runs": [...], "config": {...}, "methods": {...},
-    "grid": {...}, "best_baseline": {...} | None}.
+    "grid": {...}, "best_baseline": {...} | None, "skipped_runs": {...}}.
 
     `config` defaults to the folder's study.json (written by the runner), else {}. Baselines are
     the runs whose header says `wesar: false`. steps_to_best_baseline is measured against the
     final validation loss of the best baseline cell (the (method, lr) with the lowest seed-mean
-    final validation loss over every baseline method and LR).
+    final validation loss over every baseline method and LR). A run whose metrics file cannot
+    be read is left out with a warning naming the file, and listed in skipped_runs.
     """
     if config is None:
         config = read_json(os.path.join(study_dir, "study.json")) or {}
     order = list(config.get("methods", []))
-    runs = []
+    runs, skipped = [], {}
     for method, lr, seed, path in discover_runs(study_dir):
-        entry = summarize_run(method, lr, seed, load_metrics(path))
+        try:
+            metrics = load_metrics(path)
+        except (OSError, ValueError) as err:
+            warn(f"{err}; run skipped")
+            skipped[os.path.relpath(path, study_dir)] = str(err)
+            continue
+        entry = summarize_run(method, lr, seed, metrics)
         entry["metrics_file"] = os.path.relpath(path, study_dir)
         runs.append(entry)
     runs.sort(key=lambda r: _sort_key(r, order))
@@ -460,15 +482,25 @@ def summarize(study_dir: str, config: dict | None = None) -> Summary:
                  for m, by_lr in cells.items()},
         "best_baseline": best_baseline,
         "baseline_methods": baseline_methods,
+        "skipped_runs": skipped,
     }
 
 
 def read_json(path: str):
-    """A JSON file's content, or None when it does not exist."""
+    """A JSON file's content, or None when it does not exist (ValueError naming a damaged
+    one)."""
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def warn(message: str) -> None:
+    """Say a warning on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _json_safe(obj):
