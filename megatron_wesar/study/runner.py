@@ -181,6 +181,14 @@ class StudyConfig:
             "training.seed": seed, "logging.metrics_file": self.metrics_path(method, lr, seed),
         }, self.model_preset)
 
+    def run_configs(self, world_size: int) -> dict:
+        """{(method, lr, seed): PretrainConfig} of the plan; ValueError when an override is
+        invalid or a layout does not fit `world_size` ranks."""
+        configs = {key: self.run_config(*key) for key in self.plan()}
+        for run_config in configs.values():
+            run_config.data_parallel_size(world_size)
+        return configs
+
     def pretrain_args(self) -> list:
         """The `pretrain` flags every run shares (as the report shows them)."""
         return ["--preset", self.model_preset, *to_argv(PretrainConfig, self.overrides)]
@@ -356,10 +364,7 @@ def run_study(config: StudyConfig, log=print) -> StudyOutcome:
     init_distributed()
     rank = dist.get_rank()
     plan = config.plan()
-    # validate every run's configuration before training anything
-    run_configs = {key: config.run_config(*key) for key in plan}
-    for run_config in run_configs.values():
-        run_config.data_parallel_size(dist.get_world_size())  # ValueError: impossible layout
+    run_configs = config.run_configs(dist.get_world_size())  # all valid before any training
     if rank == 0:
         os.makedirs(os.path.join(config.out_dir, "runs"), exist_ok=True)
         atomic_write_json(os.path.join(config.out_dir, "study.json"), config.to_json())
@@ -460,12 +465,19 @@ def _cleanup_parallel_state() -> None:
 
 def main(argv=None) -> int:
     """`megatron-wesar study`: under torchrun, or one rank, run here; else start torchrun. Exits
-    1 when a run failed or the study was stopped (see StudyOutcome)."""
+    2 on an invalid run configuration, 1 when a run failed or the study was stopped
+    (StudyOutcome)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config = parse_study_args(argv)
-    if "RANK" not in os.environ and config.nproc > 1:
+    under_torchrun = "RANK" in os.environ
+    try:  # before starting any rank
+        config.run_configs(int(os.environ["WORLD_SIZE"]) if under_torchrun else config.nproc)
+    except ValueError as err:
+        print(f"megatron-wesar study: {err}", file=sys.stderr)
+        return 2
+    if not under_torchrun and config.nproc > 1:
         return launch(config.nproc, argv)
-    if "RANK" in os.environ:
+    if under_torchrun:
         die_with_parent()  # torchrun's agent: the ranks end with it
     import torch.distributed as dist
 

@@ -166,3 +166,11 @@ def test_killing_the_study_kills_its_ranks(tmp_path):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         top.wait()
+
+
+def test_an_impossible_study_fails_before_starting_any_rank(capsys):
+    from megatron_wesar.study.runner import main
+
+    assert main(["--nproc-per-node", "3"]) == 2  # the tiny study's TP=2 on 3 ranks
+    assert "world size 3 is not a multiple of tensor-model-parallel size 2" in \
+        capsys.readouterr().err
