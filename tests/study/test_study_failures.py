@@ -54,6 +54,16 @@ def test_report_skips_damaged_metrics_files_naming_them(study_dir, capsys):
     assert "**Skipped runs**" in report and "`runs/he_lr1e-2_s1/metrics.jsonl`: " in report
 
 
+def test_report_names_a_damaged_summary(study_dir, capsys):
+    from megatron_wesar.cli import main
+
+    with open(os.path.join(study_dir, "summary.json"), "w") as f:
+        f.write('{"runs": [')
+    assert main(["report", study_dir]) == 1
+    assert f"{os.path.join(study_dir, 'summary.json')}: not valid JSON" in capsys.readouterr().err
+    assert main(["report", study_dir, "--resummarize"]) == 0  # rebuilt from the run folders
+
+
 def test_load_metrics_names_the_file_and_line_of_a_bad_record(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"iteration": 1, "loss": 3.0}\n{"iteration": "x", "loss": 2.0}\n')
