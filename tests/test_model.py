@@ -358,13 +358,13 @@ DRIVER_CASE = replace(STATS_CASE, dtype=torch.float32)  # the driver trains in f
 DRIVER_FLAGS = {  # flags -> the case whose hand-computed table the built model must match
     "defaults": ([], replace(DRIVER_CASE, tied=True)),
     "sigma1e-3-small-untied": (
-        ["--wesar-sigma", "1e-3", "--init-method", "small",
+        ["--wesar-sigma", "1e-3", "--backbone", "small",
          "--untie-embeddings-and-output-weights"],
         replace(DRIVER_CASE, backbone="small", sigma=1e-3)),
     "megatron-no-embedding-gate": (
-        ["--init-method", "megatron", "--wesar-no-embedding-gate"],
+        ["--backbone", "megatron", "--no-wesar-gate-embedding"],
         replace(DRIVER_CASE, backbone="megatron", tied=True, gate_embedding=False)),
-    "baseline-he": (["--no-wesar", "--init-method", "he"],
+    "baseline-he": (["--no-wesar", "--backbone", "he"],
                     replace(DRIVER_CASE, enabled=False, tied=True)),
 }
 

@@ -14,8 +14,16 @@ Patch table (workaround: the upstream behaviour it corrects; where it is used):
 - `process_groups`, `destroy_process_groups_since`: `parallel_state.destroy_model_parallel()`
   only drops its references; torch.distributed keeps every TP/PP/DP group (17 per run at TP=2)
   and each further run in the same process gets slower. Used by the study runner.
+- `forked_processes_die_with_this_one`: dist_checkpointing's FileSystemWriterAsync forks one
+  writer process per file bucket, even for a synchronous save; a rank killed while they write
+  leaves them orphaned and blocked forever. Used by the pretraining driver.
 """
 from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -105,3 +113,24 @@ def destroy_process_groups_since(before: set) -> None:
     for group in _registered_groups():
         if group not in before and group is not world:
             dist.destroy_process_group(group)
+
+
+_PR_SET_PDEATHSIG = 1
+_registered_death_signal = False
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def forked_processes_die_with_this_one() -> None:
+    """Have every process this one forks from now on killed (SIGKILL) when this one dies: the
+    Linux parent-death signal, set in each child at fork. Idempotent; a no-op off Linux."""
+    global _registered_death_signal
+    if _registered_death_signal or not sys.platform.startswith("linux"):
+        return
+    os.register_at_fork(after_in_child=_die_with_parent)
+    _registered_death_signal = True

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ..config import WeSaRConfig
 from ..embedding_variants import EMBEDDING_VARIANTS
 from ..options import add_options, option, replace_path, section, validate_options
+from .divergence import SPIKE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,24 @@ class TrainingConfig:
     adam_beta2: float = option(0.95, "Adam beta2")
     adam_eps: float = option(1e-8, "Adam epsilon")
     seed: int = option(1234, "seed of the initial weights and of the data order")
+    spike_policy: str = option(
+        "log", "what a step flagged by a spike rule does: log (applied, flagged in the metrics), "
+        "skip (not applied), rewind (reload the last checkpoint and skip the data since); a "
+        "non-finite step is never applied: log stops the run there", choices=SPIKE_POLICIES)
+    max_rewinds: int = option(3, "the most rewinds of --spike-policy rewind before the run stops",
+                              positive=True)
+    exit_signal_handler: bool = option(
+        True, "SIGTERM / SIGINT finish the current step, save a checkpoint (with --save) and "
+        "exit 0")
 
     def __post_init__(self):
         validate_options(self)
         if not math.isfinite(self.lr):
             raise ValueError(f"--lr must be finite, got {self.lr}")
+        if self.lr_warmup_iters is not None and not (
+                0 <= self.lr_warmup_iters < self.train_iters):
+            raise ValueError(f"--lr-warmup-iters {self.lr_warmup_iters} must be >= 0 and < "
+                             f"--train-iters {self.train_iters}")
 
     @property
     def effective_min_lr(self) -> float:
@@ -89,9 +103,10 @@ class TrainingConfig:
 
     @property
     def effective_lr_warmup_iters(self) -> int:
-        """--lr-warmup-iters, or --train-iters // 20 (at least 1) when unset."""
+        """--lr-warmup-iters, or --train-iters // 20 (at least 1, less than --train-iters) when
+        unset."""
         if self.lr_warmup_iters is None:
-            return max(1, self.train_iters // 20)
+            return min(max(1, self.train_iters // 20), self.train_iters - 1)
         return self.lr_warmup_iters
 
 
@@ -145,11 +160,23 @@ class CheckpointConfig:
         None, "resume from the latest checkpoint in this directory (or from one iter_NNNNNNN/ "
         "directory); the same directory as --save starts from scratch while it holds no "
         "checkpoint yet", type=str)
+    load_fallback_to_previous: bool = option(
+        False, "when the checkpoint to load is damaged, load the newest intact earlier one "
+        "(named in the log) instead of stopping")
+    override_opt_param_scheduler: bool = option(
+        False, "on resume, this run's LR schedule settings replace the checkpoint's",
+        flag="--override-opt_param-scheduler")
+    use_checkpoint_opt_param_scheduler: bool = option(
+        False, "on resume, the checkpoint's LR schedule settings replace this run's (without "
+        "either flag they must agree)", flag="--use-checkpoint-opt_param-scheduler")
 
     def __post_init__(self):
         validate_options(self)
         if self.save_interval is not None and not self.save:
             raise ValueError("--save-interval needs --save DIR")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ValueError("--override-opt_param-scheduler and "
+                             "--use-checkpoint-opt_param-scheduler exclude each other")
 
 
 @dataclass(frozen=True)
@@ -183,6 +210,10 @@ class PretrainConfig:
     logging: LoggingConfig = section(LoggingConfig)
 
     def __post_init__(self):
+        if self.training.spike_policy == "rewind" and not (
+                self.checkpoint.save and self.checkpoint.save_interval):
+            raise ValueError("--spike-policy rewind needs --save DIR and --save-interval N "
+                             "(the checkpoints it rewinds to)")
         if self.model.num_layers % self.parallel.pipeline_model_parallel_size:
             raise ValueError(
                 f"--num-layers {self.model.num_layers} is not divisible by "

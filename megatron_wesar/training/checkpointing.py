@@ -30,6 +30,18 @@ state loads into the same TP x PP layout with any DP size. Across any other chan
 with the distributed optimizer, distributed optimizer on or off, fp32 <-> bf16) the weights,
 scheduler and iteration are loaded, the Adam moments start afresh, and a log line says so.
 RNG states are restored when the layout is identical.
+
+Integrity: `wesar_checkpoint.json` (format 2) lists every file with its size and SHA-256
+(checkpoint_files.py); `load_checkpoint` verifies them, all ranks in parallel, before megatron
+reads anything, and names a damaged file. It then stops, or with `fallback_to_previous` loads
+the newest intact earlier checkpoint of the directory and says which one it skipped. The
+training loop's counters (`Engine.training_state`: data offset, rewinds, skipped steps) travel
+with the checkpoint.
+
+Resumed LR schedule: settings that differ from the checkpoint's (peak / min LR, warm-up, decay)
+are refused unless the scheduler was built with Megatron-LM's `override_opt_param_scheduler`
+(this run's win) or `use_checkpoint_opt_param_scheduler` (the checkpoint's win);
+`schedule_in_effect` gives the settings the run then uses.
 """
 from __future__ import annotations
 
@@ -54,6 +66,7 @@ from ..compat.megatron_core import (
     restore_distributed_optimizer_steps,
 )
 from ..coordination import agree, on_rank0
+from .checkpoint_files import build_manifest, list_files, verify_manifest
 
 __all__ = [
     "CheckpointError",
@@ -64,12 +77,13 @@ __all__ = [
     "read_tracker",
     "save_checkpoint",
     "load_checkpoint",
+    "schedule_in_effect",
 ]
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 METADATA_FILENAME = "wesar_checkpoint.json"
 FORMAT_NAME = "megatron_wesar.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files with SHA-256 and training_state; 1: file sizes only
 DISTRIB_OPTIM_SHARDING = "dp_reshardable"
 
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
@@ -319,8 +333,10 @@ def save_checkpoint(engine, iteration: int, directory: str, log: Log = print) ->
     state["iteration"] = iteration
     state["checkpoint_format"] = FORMAT_VERSION
     state["rng_state"] = _rng_sharded_object(_rng_state())
+    state["training_state"] = dict(engine.training_state)
     dist_checkpointing.save(state, tmp, content_metadata={"format": FORMAT_NAME})
     # dist_checkpointing.save returns after a barrier: every rank's files are written.
+    manifest = build_manifest(tmp, list_files(tmp))
 
     description = {
         "format": FORMAT_NAME,
@@ -332,13 +348,9 @@ def save_checkpoint(engine, iteration: int, directory: str, log: Log = print) ->
     }
 
     def finish():
-        files = {}
-        for root, _, names in os.walk(tmp):
-            for name in names:
-                path = os.path.join(root, name)
-                files[os.path.relpath(path, tmp)] = os.path.getsize(path)
-                _fsync_path(path)
-        description["files"] = dict(sorted(files.items()))
+        for name in manifest:
+            _fsync_path(os.path.join(tmp, name))
+        description["files"] = dict(sorted(manifest.items()))
         meta_path = os.path.join(tmp, METADATA_FILENAME)
         with open(meta_path, "w") as f:
             json.dump(description, f, indent=1)
@@ -378,31 +390,20 @@ def _read_description(path: str) -> dict:
             f"checkpoint {path} has format version {description.get('version')}; this "
             f"megatron_wesar reads versions up to {FORMAT_VERSION}"
         )
-    problems = []
-    for name, size in description.get("files", {}).items():
-        file_path = os.path.join(path, name)
-        if not os.path.isfile(file_path):
-            problems.append(f"{file_path} is missing")
-        elif os.path.getsize(file_path) != size:
-            problems.append(
-                f"{file_path} has {os.path.getsize(file_path)} bytes, {size} were written"
-            )
-    if problems:
-        raise CheckpointError(f"checkpoint {path} is corrupt: " + "; ".join(problems))
     return description
 
 
-def _locate(directory: str, iteration: int | None, missing_ok: bool):
-    """(checkpoint path, description) to load, or None when `missing_ok` and nothing is saved.
-
-    `directory` is a checkpoint directory with a tracker, or one checkpoint (iter_*/) itself.
-    """
+def _candidates(directory: str, iteration: int | None, missing_ok: bool):
+    """[(checkpoint path, its iteration or None)] to load, in order: the one asked for (the
+    tracker's, `iteration`'s, or `directory` itself when it is one checkpoint), then the older
+    iter_*/ of the directory, newest first (for the fallback). None when `missing_ok` and
+    nothing is saved."""
     if not os.path.isdir(directory):
         if missing_ok:
             return None
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if iteration is None and os.path.isfile(os.path.join(directory, METADATA_FILENAME)):
-        return directory, _read_description(directory)
+        return [(directory, None)]
     if iteration is None:
         iteration = read_tracker(directory)
         if iteration is None:
@@ -412,14 +413,44 @@ def _locate(directory: str, iteration: int | None, missing_ok: bool):
                 f"no checkpoint to load in {directory}: it has no {TRACKER_FILENAME} "
                 "(nothing was saved there, or the first save did not complete)"
             )
-    path = _resolve(directory, iteration)
-    description = _read_description(path)
-    if description.get("iteration") != iteration:
-        raise CheckpointError(
-            f"checkpoint {path} holds iteration {description.get('iteration')}, expected "
-            f"{iteration}"
-        )
-    return path, description
+    older = sorted((int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(directory))
+                    if m and int(m.group(1)) < iteration), reverse=True)
+    return [(_resolve(directory, iteration), iteration)] + [
+        (checkpoint_path(directory, i), i) for i in older]
+
+
+def _open_verified(path: str, iteration: int | None) -> dict:
+    """The description of checkpoint `path` once every file it lists is verified (collective);
+    CheckpointError naming what is damaged."""
+    def read():
+        description = _read_description(path)
+        if iteration is not None and description.get("iteration") != iteration:
+            raise CheckpointError(f"checkpoint {path} holds iteration "
+                                  f"{description.get('iteration')}, expected {iteration}")
+        return description
+
+    description = on_rank0(read)
+    problems = verify_manifest(path, description.get("files", {}))
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(problems))
+    return description
+
+
+def _first_intact(candidates: list, fallback_to_previous: bool, log: Log) -> tuple[str, dict]:
+    """(path, description) of the first intact candidate: the first one, or with
+    `fallback_to_previous` the newest intact one (each damaged one named in the log)."""
+    for index, (path, iteration) in enumerate(candidates):
+        try:
+            return path, _open_verified(path, iteration)
+        except CheckpointError as err:
+            if not fallback_to_previous or index == len(candidates) - 1:
+                if len(candidates) > 1 and not fallback_to_previous:
+                    raise CheckpointError(
+                        f"{err}. Earlier checkpoints exist in {os.path.dirname(path)}: pass "
+                        "--load-fallback-to-previous to load the newest intact one") from err
+                raise
+            _say(log, f"WARNING: {err}; falling back to the previous checkpoint")
+    raise AssertionError("unreachable: no candidates")
 
 
 def _check_model(path: str, description: dict, engine) -> None:
@@ -498,32 +529,58 @@ def _schedule_differences(scheduler, saved: dict) -> list[str]:
     ]
 
 
+def _check_schedule(path: str, scheduler) -> list[str]:
+    """The schedule settings that differ from checkpoint `path`'s; CheckpointMismatchError
+    when some differ and the scheduler neither overrides nor uses the checkpoint's (Megatron-LM
+    asserts there)."""
+    saved = on_rank0(
+        lambda: dist_checkpointing.load_common_state_dict(path)["opt_param_scheduler"])
+    diffs = _schedule_differences(scheduler, saved)
+    if diffs and not (scheduler.override_opt_param_scheduler
+                      or scheduler.use_checkpoint_opt_param_scheduler):
+        raise CheckpointMismatchError(
+            f"the LR schedule differs from checkpoint {path}'s ({'; '.join(diffs)}): pass "
+            "--override-opt_param-scheduler to use this run's values or "
+            "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
+    return diffs
+
+
+def schedule_in_effect(scheduler) -> dict:
+    """The LR / weight-decay schedule settings the scheduler runs with (after a resume, the
+    checkpoint's where it used them)."""
+    return {key: getattr(scheduler, key) for key in _SCHEDULE_KEYS if hasattr(scheduler, key)}
+
+
 def _same_ranks(saved: dict, mine: dict) -> bool:
     keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size")
     return all(saved.get(k) == mine[k] for k in keys)
 
 
 def load_checkpoint(engine, directory: str, iteration: int | None = None, *,
-                    missing_ok: bool = False, log: Log = print) -> int:
+                    missing_ok: bool = False, fallback_to_previous: bool = False,
+                    log: Log = print) -> int:
     """Load a checkpoint into `engine`; return its iteration (0 when nothing was loaded).
 
     Collective: every rank calls it. `directory` is a save directory (the tracker's iteration,
     or `iteration`, is loaded) or one checkpoint `iter_*/` itself. Loads the model always (any
     TP/PP layout), the optimizer state where the layout allows it (see the module docstring;
     otherwise a log line says that the Adam moments start afresh), the scheduler and, with an
-    identical layout, the RNG states.
+    identical layout, the RNG states, and `engine.training_state`.
 
     Raises CheckpointError for a missing directory, no tracker (unless `missing_ok`, which
-    returns 0) or a missing, truncated or unreadable checkpoint (naming the path);
-    CheckpointMismatchError (a ValueError) for a checkpoint of a model of another shape.
+    returns 0) or a missing, truncated, corrupted or unreadable checkpoint (naming the file;
+    with `fallback_to_previous` the newest intact earlier checkpoint is loaded instead);
+    CheckpointMismatchError (a ValueError) for a checkpoint of a model of another shape, or an
+    LR schedule that differs while the scheduler neither overrides nor uses the checkpoint's.
     """
     directory = os.path.abspath(directory)
-    found = on_rank0(lambda: _locate(directory, iteration, missing_ok))
-    if found is None:
+    candidates = on_rank0(lambda: _candidates(directory, iteration, missing_ok))
+    if candidates is None:
         _say(log, f"no checkpoint in {directory} yet: starting from iteration 0")
         return 0
-    path, description = found
+    path, description = _first_intact(candidates, fallback_to_previous, log)
     _check_model(path, description, engine)
+    schedule_diffs = _check_schedule(path, engine.scheduler)
 
     metadata = _sharding_metadata(engine)
     model_state = _model_sharded_state_dict(engine, metadata)
@@ -568,8 +625,9 @@ def load_checkpoint(engine, directory: str, iteration: int | None = None, *,
         restore_distributed_optimizer_steps(engine.optimizer, steps)
     else:
         engine.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
-    schedule_diffs = _schedule_differences(engine.scheduler, loaded["opt_param_scheduler"])
+    engine.scheduler.num_steps = 0  # megatron's load_state_dict adds the saved steps
     engine.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    engine.training_state.update(loaded.get("training_state", {}))
     if load_rng:
         _set_rng_state(loaded["rng_state"])
     loaded_iteration = int(loaded["iteration"])

@@ -6,7 +6,8 @@ WeSaR pieces plugged in: gate-aware `finalize_model_grads` and the gate learning
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator, List
 
@@ -29,7 +30,9 @@ from ..config import WeSaRConfig
 from ..embedding_variants import apply_embedding_variant
 from ..grads import finalize_model_grads
 from ..init import ModelShape, sigma_role
+from ..layers import NonFiniteGateError
 from ..spec import build_gpt_model
+from .divergence import describe_nonfinite
 
 
 def initialize_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
@@ -93,14 +96,22 @@ class LRSchedule:
             raise ValueError(f"unknown LR decay style {self.decay_style!r}")
 
 
+def new_training_state() -> dict:
+    """The training loop's counters that checkpoints carry: the offset of the data stream (the
+    batches skipped by rewinds), the rewinds and the skipped steps so far."""
+    return {"data_offset": 0, "rewinds": 0, "skipped_steps": 0}
+
+
 @dataclass
 class Engine:
-    """The model chunks (DDP-wrapped), optimizer, LR scheduler and model config of this rank."""
+    """The model chunks (DDP-wrapped), optimizer, LR scheduler and model config of this rank,
+    and the training loop's counters (`new_training_state`)."""
 
     model: List[DistributedDataParallel]
     optimizer: object
     scheduler: OptimizerParamScheduler
     config: object
+    training_state: dict = field(default_factory=new_training_state)
 
     @property
     def module(self):
@@ -117,16 +128,24 @@ def build_engine(
     schedule: LRSchedule = LRSchedule(),
     ddp_config: DistributedDataParallelConfig | None = None,
     embedding_variant: str = "none",
+    override_opt_param_scheduler: bool = False,
+    use_checkpoint_opt_param_scheduler: bool = False,
     **gpt_kwargs,
 ) -> Engine:
     """Build this rank's WeSaR GPT stage (with an embedding-side baseline `embedding_variant`,
     megatron_wesar.embedding_variants), wrap it in megatron DDP, build optimizer and scheduler.
 
-    The scheduler is what applies megatron's per-group lr_mult / wd_mult (no weight decay on the
-    gates, biases and norms; the gate LR multiplier), so it is always built.
+    Under bf16 / fp16 the default DDP config accumulates and reduces gradients in fp32
+    (Megatron-LM's --accumulate-allreduce-grads-in-fp32). The scheduler is what applies
+    megatron's per-group lr_mult / wd_mult (no weight decay on the gates, biases and norms; the
+    gate LR multiplier), so it is always built; the two `*_opt_param_scheduler` flags are
+    Megatron-LM's rule for a resumed schedule that differs.
     """
     ddp_config = ddp_config or DistributedDataParallelConfig(
-        use_distributed_optimizer=optimizer_config.use_distributed_optimizer
+        use_distributed_optimizer=optimizer_config.use_distributed_optimizer,
+        # as Megatron-LM under bf16 / fp16: accumulate and reduce gradients in fp32 (a gate's
+        # gradient is a sum over every token and feature)
+        grad_reduce_in_fp32=bool(optimizer_config.bf16 or optimizer_config.fp16),
     )
     model = build_gpt_model(transformer_config, wesar, vocab_size, max_sequence_length,
                             **gpt_kwargs)
@@ -148,6 +167,8 @@ def build_engine(
         end_wd=optimizer_config.weight_decay,
         wd_incr_steps=schedule.decay_iters,
         wd_incr_style="constant",
+        override_opt_param_scheduler=override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=use_checkpoint_opt_param_scheduler,
     )
     transformer_config.finalize_model_grads_func = finalize_model_grads
     transformer_config.no_sync_func = ddp.no_sync
@@ -171,11 +192,14 @@ def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 @dataclass
 class StepResult:
-    """What one optimizer step reports (loss averaged over microbatches and DP ranks)."""
+    """What one optimizer step reports (loss averaged over microbatches and DP ranks; the global
+    gradient norm before clipping). `update_successful` is False when the update was not applied:
+    the step was non-finite (`nonfinite` says what) or `decide` declined it."""
 
-    loss: float | None
-    grad_norm: float | None
+    loss: float
+    grad_norm: float
     update_successful: bool
+    nonfinite: str | None = None
 
 
 def train_step(
@@ -186,27 +210,38 @@ def train_step(
     seq_length: int,
     forward_step_func: Callable = lm_forward_step,
     after_backward: Callable[[Engine], None] | None = None,
+    decide: Callable[[float, float], bool] | None = None,
 ) -> StepResult:
-    """One optimizer step: forward/backward over the microbatches, finalize, optimizer step.
+    """One optimizer step: forward/backward over the microbatches, finalize, then the update
+    unless the step is non-finite or `decide(loss, grad_norm)` returns False.
 
-    `after_backward(engine)` runs after the gradients are final and before the optimizer step.
-    The loss is that of the last pipeline stage, shared with every rank.
+    Before anything is applied the loss and the global gradient norm are computed (the same on
+    every rank): a non-finite one (or a non-finite WeSaR gate gradient) leaves the model and the
+    optimizer untouched and names the first non-finite gate. `after_backward(engine)` runs after
+    the gradients are final. The LR schedule advances only with an applied update.
     """
     for chunk in engine.model:
         chunk.zero_grad_buffer()
     engine.optimizer.zero_grad()
-    outputs = _run_schedule(engine, forward_step_func, microbatches, num_microbatches,
-                            micro_batch_size, seq_length, forward_only=False)
+    try:
+        outputs = _run_schedule(engine, forward_step_func, microbatches, num_microbatches,
+                                micro_batch_size, seq_length, forward_only=False)
+    except NonFiniteGateError:  # raised by the gate reduction at the end of the schedule
+        outputs = None
+    loss = reduce_loss(outputs)
+    engine.optimizer.prepare_grads()
+    grad_norm = float(engine.optimizer.get_grad_norm())
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return StepResult(loss, grad_norm, update_successful=False,
+                          nonfinite=describe_nonfinite(engine.model, loss, grad_norm))
     if after_backward is not None:
         after_backward(engine)
-    update_successful, grad_norm, _ = engine.optimizer.step()
+    if decide is not None and not decide(loss, grad_norm):
+        return StepResult(loss, grad_norm, update_successful=False)
+    update_successful, _, _ = engine.optimizer.step()
     if update_successful:
         engine.scheduler.step(increment=1)
-    return StepResult(
-        loss=reduce_loss(outputs),
-        grad_norm=None if grad_norm is None else float(grad_norm),
-        update_successful=bool(update_successful),
-    )
+    return StepResult(loss, grad_norm, update_successful=bool(update_successful))
 
 
 def _run_schedule(engine, forward_step_func, microbatches, num_microbatches, micro_batch_size,
@@ -223,11 +258,13 @@ def _run_schedule(engine, forward_step_func, microbatches, num_microbatches, mic
     )
 
 
-def reduce_loss(outputs: list) -> float:
-    """Mean 'lm loss' over microbatches and data-parallel ranks, broadcast from the last stage."""
+def reduce_loss(outputs: list | None) -> float:
+    """Mean 'lm loss' over microbatches and data-parallel ranks, broadcast from the last stage
+    (NaN where the last stage's schedule gave no outputs)."""
     value = torch.zeros(1, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage():
-        value[0] = torch.stack([o["lm loss"].double() for o in outputs]).mean()
+        value[0] = (float("nan") if outputs is None
+                    else torch.stack([o["lm loss"].double() for o in outputs]).mean())
         dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
         value /= parallel_state.get_data_parallel_world_size()
     last = parallel_state.get_pipeline_model_parallel_last_rank()

@@ -18,15 +18,25 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..compat import enable_cpu_compat
+from ..compat.megatron_core import forked_processes_die_with_this_one
 from ..coordination import gather_stage_dicts
 from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
 from ..data.tokenizers import build_tokenizer
 from ..metric_keys import GATE_PREFIX, SPIKE_FLAG_PREFIX
 from ..monitor import GateTrajectory, SpikeTracker, UpdateRatioMonitor
 from .arguments import PretrainConfig, parse_pretrain_args
-from .checkpointing import load_checkpoint, save_checkpoint
+from .checkpointing import (
+    CheckpointError,
+    CheckpointMismatchError,
+    load_checkpoint,
+    save_checkpoint,
+    schedule_in_effect,
+)
+from .divergence import NonFiniteStepError, RewindLimitError, SpikePolicy
 from .engine import LRSchedule, build_engine, evaluate, initialize_parallel, train_step
-from .metrics import MetricsWriter
+from .metrics import REWIND_TO, SKIPPED_STEP, MetricsWriter
+from .preemption import ExitSignalHandler
+from .run_lock import save_directory_lock
 
 
 def init_distributed() -> None:
@@ -123,14 +133,17 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
 def pretrain(config: PretrainConfig, log=print) -> list[dict]:
     """Train for config.training.train_iters steps; return one record per log interval.
 
-    Rank 0 logs a progress line per log interval and writes the metrics JSONL: a {"run": config}
-    line (the config tree as nested dicts), one line per step (iteration, loss, grad_norm, lr, and
-    the spike flags raised), the monitors at log intervals (update ratios, norms, gates, spike
-    counts, tokens/s) and a {"iteration", "valid_loss"} line per evaluation.
+    Rank 0 logs a progress line per log interval and writes the metrics JSONL: a {"run": config,
+    "schedule": the LR schedule in effect} line, one line per step (iteration, loss, grad_norm,
+    lr, the spike flags raised, `skipped_step` / `rewind_to` when the spike policy acted), the
+    monitors at log intervals (update ratios, norms, gates, spike counts, tokens/s) and a
+    {"iteration", "valid_loss"} line per evaluation. A non-finite step is never applied (policy
+    log stops the run there with NonFiniteStepError); SIGTERM / SIGINT end the run after the
+    current step with a checkpoint (--exit-signal-handler).
     """
     model, training, parallel = config.model, config.training, config.parallel
-    checkpoint, logging = config.checkpoint, config.logging
     init_distributed()
+    forked_processes_die_with_this_one()  # megatron's checkpoint writers are forked
     dp_size = config.data_parallel_size(dist.get_world_size())
     tp = parallel.tensor_model_parallel_size
     initialize_parallel(tp, parallel.pipeline_model_parallel_size, training.seed)
@@ -146,72 +159,160 @@ def pretrain(config: PretrainConfig, log=print) -> list[dict]:
         init_seed=training.seed,
         position_embedding_type=model.position_embedding_type,
         embedding_variant=model.embedding_variant,
+        override_opt_param_scheduler=config.checkpoint.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=config.checkpoint.use_checkpoint_opt_param_scheduler,
     )
-    first_step = 0
-    if checkpoint.load:
-        first_step = load_checkpoint(
-            engine, checkpoint.load, log=log,
-            missing_ok=bool(checkpoint.save)
-            and os.path.abspath(checkpoint.load) == os.path.abspath(checkpoint.save))
-    is_logger = dist.get_rank() == 0
-    metrics = MetricsWriter(logging.metrics_file if is_logger else None,
-                            logging.tensorboard_dir if is_logger else None)
-    metrics.write({"run": asdict(config)})
-    spikes, monitor, gates = SpikeTracker(), UpdateRatioMonitor(engine.model), GateTrajectory(
-        engine.model)
-    micro, global_batch, train_iters = (training.micro_batch_size, training.global_batch_size,
-                                        training.train_iters)
-    num_micro = global_batch // (micro * dp_size)
-    dp_rank = parallel_state.get_data_parallel_rank()
-    step_shape = (num_micro, micro, model.seq_length)
-    records, start = [], time.perf_counter()
-    for step in range(first_step, train_iters):
-        iteration = step + 1
-        log_now = iteration % logging.log_interval == 0 or iteration == train_iters
-        batch = data.train_batch(step, global_batch)
+    with save_directory_lock(config.checkpoint.save), \
+            ExitSignalHandler(training.exit_signal_handler) as signals:
+        records = TrainingLoop(config, engine, data, dp_size, signals, log).run()
+    parallel_state.destroy_model_parallel()
+    return records
+
+
+class TrainingLoop:
+    """The steps of one run: data, spike policy, monitors, evaluation, checkpoints, metrics."""
+
+    def __init__(self, config: PretrainConfig, engine, data, dp_size: int, signals, log):
+        self.config, self.engine, self.data, self.signals, self.log = (
+            config, engine, data, signals, log)
+        self.dp_size, self.dp_rank = dp_size, parallel_state.get_data_parallel_rank()
+        training = config.training
+        self.micro = training.micro_batch_size
+        self.step_shape = (training.global_batch_size // (self.micro * dp_size), self.micro,
+                           config.model.seq_length)
+        self.policy = SpikePolicy(training.spike_policy, training.max_rewinds)
+        self.spikes = SpikeTracker()
+        self.monitor = UpdateRatioMonitor(engine.model)
+        self.gates = GateTrajectory(engine.model)
+        self.is_logger = dist.get_rank() == 0
+
+    def _say(self, line: str) -> None:
+        if self.is_logger:
+            self.log(line)
+
+    def _microbatches(self, batch):
+        return microbatches(batch, self.dp_rank, self.dp_size, self.micro)
+
+    def run(self) -> list[dict]:
+        """Resume (with --load), train to --train-iters or an exit signal, save; the records."""
+        checkpoint, logging = self.config.checkpoint, self.config.logging
+        first_step = 0
+        if checkpoint.load:
+            first_step = load_checkpoint(
+                self.engine, checkpoint.load, log=self.log,
+                missing_ok=bool(checkpoint.save)
+                and os.path.abspath(checkpoint.load) == os.path.abspath(checkpoint.save),
+                fallback_to_previous=checkpoint.load_fallback_to_previous)
+        self.metrics = MetricsWriter(logging.metrics_file if self.is_logger else None,
+                                     logging.tensorboard_dir if self.is_logger else None)
+        try:
+            self.metrics.write({"run": asdict(self.config),
+                                "schedule": schedule_in_effect(self.engine.scheduler)})
+            return self._steps(first_step)
+        finally:
+            self.metrics.close()
+
+    def _steps(self, first_step: int) -> list[dict]:
+        train_iters = self.config.training.train_iters
+        save, save_interval = self.config.checkpoint.save, self.config.checkpoint.save_interval
+        self.first_step, self.start = first_step, time.perf_counter()
+        records, step, saved_at = [], first_step, first_step
+        while step < train_iters:
+            iteration = step + 1
+            record = self._step(iteration)
+            if REWIND_TO in record:
+                step = saved_at = record[REWIND_TO]
+                continue
+            if "tokens_per_s" in record:  # a log interval
+                records.append(record)
+                self._say(format_progress(record, train_iters))
+            self.metrics.write(record)
+            self._maybe_evaluate(iteration)
+            step = iteration
+            if save and save_interval and iteration % save_interval == 0:
+                save_checkpoint(self.engine, iteration, save, log=self.log)
+                saved_at = iteration
+            if self.signals.exit_requested():
+                self._say(f"exit signal received: stopping after iteration {iteration}")
+                break
+        if save and step > saved_at:
+            save_checkpoint(self.engine, step, save, log=self.log)
+        return records
+
+    def _step(self, iteration: int) -> dict:
+        """Train one step under the spike policy; its metrics record."""
+        training, logging = self.config.training, self.config.logging
+        state = self.engine.training_state
+        log_now = iteration % logging.log_interval == 0 or iteration == training.train_iters
+        batch = self.data.train_batch(iteration - 1 + state["data_offset"],
+                                      training.global_batch_size)
+        flags = {}
+
+        def decide(loss: float, grad_norm: float) -> bool:
+            flags.update(self.spikes.update(iteration, loss=loss, grad_norm=grad_norm))
+            return self.policy.applies(any(flags.values()))
+
         result = train_step(
-            engine, microbatches(batch, dp_rank, dp_size, micro), *step_shape,
-            after_backward=(lambda _: monitor.snapshot()) if log_now else None,
-        )
+            self.engine, self._microbatches(batch), *self.step_shape,
+            after_backward=(lambda _: self.monitor.snapshot()) if log_now else None,
+            decide=decide)
+        if result.nonfinite:
+            flags = self.spikes.update(iteration, loss=result.loss, grad_norm=result.grad_norm)
         record = {
             "iteration": iteration,
             "loss": result.loss,
             "grad_norm": result.grad_norm,
-            "lr": engine.scheduler.get_lr(engine.optimizer.param_groups[0]),
+            "lr": self.engine.scheduler.get_lr(self.engine.optimizer.param_groups[0]),
         }
-        flags = spikes.update(iteration, loss=result.loss, grad_norm=result.grad_norm)
         record.update({key: flag for key, flag in flags.items() if flag})
+        if not result.update_successful:
+            try:
+                action = self.policy.on_unapplied(iteration, result.nonfinite, state["rewinds"])
+            except (NonFiniteStepError, RewindLimitError):
+                self.metrics.write(record)
+                raise
+            if action == "rewind":
+                record[REWIND_TO] = self._rewind(iteration)
+                self.metrics.write(record)
+                return record
+            record[SKIPPED_STEP] = 1.0
+            state["skipped_steps"] += 1
         if log_now:
-            monitor.measure()
-            record.update(monitor.read())
-            record.update(gather_stage_dicts(gates.record(iteration)))
-            record.update(spikes.counts())
-            record["tokens_per_s"] = (global_batch * model.seq_length * (iteration - first_step)
-                                      / (time.perf_counter() - start))
-            records.append(record)
-            if is_logger:
-                log(format_progress(record, train_iters))
-        metrics.write(record)
-        if iteration == train_iters or (
+            if result.update_successful:
+                self.monitor.measure()
+                record.update(self.monitor.read())
+            record.update(gather_stage_dicts(self.gates.record(iteration)))
+            record.update(self.spikes.counts())
+            tokens = training.global_batch_size * self.config.model.seq_length
+            record["tokens_per_s"] = (tokens * (iteration - self.first_step)
+                                      / (time.perf_counter() - self.start))
+        return record
+
+    def _rewind(self, iteration: int) -> int:
+        """Reload the last checkpoint and skip the data of the steps since; its iteration."""
+        before = dict(self.engine.training_state)
+        back = load_checkpoint(self.engine, self.config.checkpoint.save, log=self.log)
+        self.engine.training_state.update(
+            data_offset=before["data_offset"] + iteration - back,
+            rewinds=before["rewinds"] + 1, skipped_steps=before["skipped_steps"])
+        self._say(f"iteration {iteration}: spike; rewound to iteration {back}, skipping the data "
+                  f"of iterations {back + 1}..{iteration} (rewind {before['rewinds'] + 1} of at "
+                  f"most {self.policy.max_rewinds})")
+        return back
+
+    def _maybe_evaluate(self, iteration: int) -> None:
+        logging, training = self.config.logging, self.config.training
+        if iteration != training.train_iters and not (
                 logging.eval_interval and iteration % logging.eval_interval == 0):
-            valid = evaluate(
-                engine,
-                (microbatches(data.valid_batch(i, global_batch), dp_rank, dp_size, micro)
-                 for i in range(logging.eval_iters)),
-                *step_shape,
-            )
-            metrics.write({"iteration": iteration, "valid_loss": valid})
-            if is_logger:
-                log(f"validation at iteration {iteration:>6} | loss {valid:.4f}")
-        if checkpoint.save and checkpoint.save_interval and (
-                iteration % checkpoint.save_interval == 0):
-            save_checkpoint(engine, iteration, checkpoint.save, log=log)
-    if checkpoint.save and train_iters > first_step and (
-            not checkpoint.save_interval or train_iters % checkpoint.save_interval):
-        save_checkpoint(engine, train_iters, checkpoint.save, log=log)
-    metrics.close()
-    parallel_state.destroy_model_parallel()
-    return records
+            return
+        valid = evaluate(
+            self.engine,
+            (self._microbatches(self.data.valid_batch(i, training.global_batch_size))
+             for i in range(logging.eval_iters)),
+            *self.step_shape,
+        )
+        self.metrics.write({"iteration": iteration, "valid_loss": valid})
+        self._say(f"validation at iteration {iteration:>6} | loss {valid:.4f}")
 
 
 def format_progress(record: dict, train_iters: int) -> str:
@@ -234,13 +335,24 @@ def format_progress(record: dict, train_iters: int) -> str:
     return line
 
 
+# errors that end a run for a reason the message states in full (no traceback needed)
+RUN_ERRORS = (NonFiniteStepError, RewindLimitError, CheckpointError, CheckpointMismatchError)
+
+
 def main(argv=None) -> int:
-    """Entry point of `megatron-wesar pretrain` (enables the CPU layer where CUDA is absent)."""
+    """Entry point of `megatron-wesar pretrain` (enables the CPU layer where CUDA is absent);
+    exit status 1 with one error line (rank 0) for the errors of RUN_ERRORS."""
     enable_cpu_compat()
-    pretrain(parse_pretrain_args(argv))
+    status = 0
+    try:
+        pretrain(parse_pretrain_args(argv))
+    except RUN_ERRORS as err:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"megatron-wesar pretrain: error: {err}", file=sys.stderr)
+        status = 1
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ def test_every_flag_is_the_field_it_sets():
         "wesar.check_finite_gates": "--wesar-check-finite-gates",
         "wesar.share_glu_gates": "--wesar-share-glu-gates",
         "wesar.defer_gate_grad_reduction": "--wesar-defer-gate-grad-reduction",
+        # Megatron-LM's own spelling
+        "checkpoint.override_opt_param_scheduler": "--override-opt_param-scheduler",
+        "checkpoint.use_checkpoint_opt_param_scheduler": "--use-checkpoint-opt_param-scheduler",
     }
 
 

@@ -26,6 +26,7 @@ from unittest import mock
 
 import pytest
 
+from megatron_wesar.training.run_lock import LOCK_FILENAME
 from tests.helpers.distributed import run_distributed
 
 TINY = [
@@ -400,6 +401,8 @@ def test_kill_during_save_keeps_previous_checkpoint(reference, tmp_path):
     assert _kill_during_save(train, "writing", tmp_path) == reference["losses"]
     assert read_tracker(save) == 4
     names = sorted(os.listdir(save))
+    assert names[0] == LOCK_FILENAME  # the killed run's lock, taken over by the next run
+    names.remove(LOCK_FILENAME)
     assert names[0] == ITER4 and ITER8 not in names
     assert len([n for n in names if n.startswith(ITER8 + ".tmp-")]) == 1
 
@@ -492,7 +495,8 @@ def test_clear_errors(reference, tmp_path):
     assert truncated_file in messages[3] and "100 bytes" in messages[3]
     assert common_file in messages[4] and "missing" in messages[4]
     assert meta_file in messages[5] and "missing" in messages[5]
-    assert "failed to read checkpoint" in messages[6] and scrambled in messages[6]
+    # scrambled in place: its SHA-256 names it before megatron reads it
+    assert "is damaged" in messages[6] and scrambled in messages[6] and "SHA-256" in messages[6]
     assert "iteration 12" in messages[7] and "iter_0000012" in messages[7]
     assert len(results[8][1]) == 2  # --load == --save with nothing saved yet: fresh start
     assert sorted(os.listdir(fresh)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
