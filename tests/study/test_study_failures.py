@@ -105,7 +105,7 @@ def test_failed_and_stopped_runs_exit_1_keeping_whole_messages(tmp_path):
     from tests.helpers.distributed import run_distributed
 
     out_dir = str(tmp_path / "study")
-    assert run_distributed(_study_that_fails_then_stops, 2, out_dir, timeout=180) == [1, 1]
+    assert run_distributed(_study_that_fails_then_stops, 1, out_dir, timeout=180) == [1]
     study = json.load(open(os.path.join(out_dir, "study.json")))
     assert list(study["failed_runs"]) == ["he_lr1e-3_s1"]
     message = study["failed_runs"]["he_lr1e-3_s1"]
