@@ -8,6 +8,7 @@ from .options import option, validate_options
 
 BACKBONES = ("he", "small", "megatron")
 DEFAULT_SIGMA = math.sqrt(4e-5)
+SIGMA_REGIMES = ("130m", "1.3b", "13b")  # the paper's model sizes (megatron_wesar.sigma_regime)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class WeSaRConfig:
     sigma: float = option(
         DEFAULT_SIGMA, "the ONE common std of every gated W_bar (paper: sqrt(4e-5))",
         flag="--wesar-sigma", positive=True)
+    sigma_regime: str | None = option(
+        None, "place sigma where the paper's model of this size had it relative to the "
+        "backbone's stds (log scale, between W_d's and q's; megatron_wesar.sigma_regime); an "
+        "explicit --wesar-sigma wins", flag="--wesar-sigma-regime", choices=SIGMA_REGIMES,
+        type=str)
     backbone: str = option(
         "he", "the init whose per-matrix stds the gates carry (or, with --no-wesar, the weights "
         "get): he, small or megatron", choices=BACKBONES)

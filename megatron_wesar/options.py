@@ -55,7 +55,7 @@ def validate_options(config) -> None:
             continue
         value, meta = getattr(config, field.name), field.metadata
         name = f"{type(config).__name__}.{field.name} ({flag_of(field)})"
-        if meta.get("choices") and value not in meta["choices"]:
+        if meta.get("choices") and value is not None and value not in meta["choices"]:
             raise ValueError(f"{name} must be one of {tuple(meta['choices'])}, got {value!r}")
         if meta.get("positive") and value is not None and not value > 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")

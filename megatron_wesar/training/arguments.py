@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import WeSaRConfig
 from ..embedding_variants import EMBEDDING_VARIANTS
+from ..init import ModelShape
 from ..options import add_options, option, replace_path, section, validate_options
+from ..sigma_regime import with_regime_sigma
 from .divergence import SPIKE_POLICIES
 
 
@@ -266,10 +268,17 @@ PRESETS = {
 
 def pretrain_config(overrides: dict | None = None, preset: str = "tiny") -> PretrainConfig:
     """The PretrainConfig of `preset` with `overrides` ({dotted path: value}) applied; each
-    section validates its values (ValueError)."""
+    section validates its values (ValueError). With wesar.sigma_regime and no explicit
+    wesar.sigma, sigma is placed by the regime for the model's shape."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return replace_path(PretrainConfig(), {**PRESETS[preset], **(overrides or {})})
+    overrides = {**PRESETS[preset], **(overrides or {})}
+    config = replace_path(PretrainConfig(), overrides)
+    if "wesar.sigma" in overrides:  # an explicit sigma beats the regime
+        return config
+    model = config.model
+    shape = ModelShape(model.hidden_size, model.num_layers, model.ffn_hidden_size)
+    return replace(config, wesar=with_regime_sigma(config.wesar, shape))
 
 
 SECTION_TITLES = {"logging": "logging and evaluation", "wesar": "WeSaR"}

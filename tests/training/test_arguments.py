@@ -93,6 +93,7 @@ def test_every_flag_is_the_field_it_sets():
                if a.option_strings[0] != "--" + path.rpartition(".")[2].replace("_", "-")}
     assert renamed == {  # the WeSaR-only knobs carry the wesar- prefix
         "wesar.enabled": "--wesar", "wesar.sigma": "--wesar-sigma",
+        "wesar.sigma_regime": "--wesar-sigma-regime",
         "wesar.gate_embedding": "--wesar-gate-embedding",
         "wesar.gate_output_layer": "--wesar-gate-output-layer",
         "wesar.train_gates": "--wesar-train-gates", "wesar.gate_lr_mult": "--wesar-gate-lr-mult",
