@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -122,7 +123,8 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer, json_key: str =
 
 
 def main(argv=None) -> int:
-    """Entry point of `megatron-wesar preprocess`."""
+    """Entry point of `megatron-wesar preprocess` (exit 1 with the error's message on bad
+    input)."""
     parser = argparse.ArgumentParser(prog="megatron-wesar preprocess", description=__doc__)
     parser.add_argument("--input", nargs="+", required=True, help=".txt or .jsonl files")
     parser.add_argument("--output-prefix", required=True)
@@ -132,8 +134,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer-file", default=None,
                         help="a Hugging Face tokenizer.json (default: byte-level tokenizer)")
     args = parser.parse_args(argv)
-    counts = preprocess(args.input, args.output_prefix, build_tokenizer(args.tokenizer_file),
-                        args.json_key, args.whole_file)
+    try:
+        counts = preprocess(args.input, args.output_prefix, build_tokenizer(args.tokenizer_file),
+                            args.json_key, args.whole_file)
+    except (OSError, ValueError) as err:  # they name the file (and line)
+        print(f"megatron-wesar preprocess: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output_prefix}.bin/.idx: {counts['documents']} documents, "
           f"{counts['tokens']} tokens")
     return 0

@@ -60,6 +60,17 @@ def test_every_input_error_names_the_file_and_line(tmp_path, content, what):
         preprocess([str(bad)], str(tmp_path / "out"), ByteTokenizer())
 
 
+def test_the_command_says_the_input_error_without_a_traceback(tmp_path, capsys):
+    from megatron_wesar.data.preprocess import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n"just a string"\n')
+    assert main(["--input", str(bad), "--output-prefix", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (f"megatron-wesar preprocess: {bad}:2: not a JSON object "
+                                       "(a str)\n")
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_a_text_file_that_is_not_utf8_names_the_line(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes("first\n\nsecond é\nthird \xff".encode("latin-1", "surrogateescape"))
