@@ -322,11 +322,12 @@ def _stopped_early(path: str, train_iters: int) -> bool:
 def failure_message(err: BaseException) -> str:
     """The whole message of `err` (every line), where it was raised, and what it was raised
     from: what a study records of a failed run (the traceback goes to its error.txt)."""
-    parts = []
-    while err is not None:
+    parts, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
         frames = traceback.extract_tb(err.__traceback__)
-        where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in " \
-                f"{frames[-1].name})" if frames else ""
+        where = f"\n  at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in " \
+                f"{frames[-1].name}" if frames else ""
         parts.append("".join(traceback.format_exception_only(type(err), err)).rstrip() + where)
         err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     return "\ncaused by: ".join(parts)

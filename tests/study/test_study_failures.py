@@ -109,8 +109,8 @@ def test_failed_and_stopped_runs_exit_1_keeping_whole_messages(tmp_path):
     study = json.load(open(os.path.join(out_dir, "study.json")))
     assert list(study["failed_runs"]) == ["he_lr1e-3_s1"]
     message = study["failed_runs"]["he_lr1e-3_s1"]
-    assert message.startswith(f"FloatingPointError: {MESSAGE} (at test_study_failures.py:")
-    assert "\ncaused by: OSError: disk full (at test_study_failures.py:" in message
+    assert message.startswith(f"FloatingPointError: {MESSAGE}\n  at test_study_failures.py:")
+    assert "\ncaused by: OSError: disk full\n  at test_study_failures.py:" in message
     error = open(os.path.join(out_dir, "runs", "he_lr1e-3_s1", "error.txt")).read()
     assert error.startswith("Traceback") and "disk full" in error
     # the stopped run ends the study: the runs after it never start
