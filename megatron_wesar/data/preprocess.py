@@ -5,7 +5,8 @@ document per blank-line-separated paragraph block, or the whole file with `--who
 document is tokenized and ends with the tokenizer's end-of-document token. Input must be UTF-8;
 every input error names the file and line.
 
-The pair is written under temporary names next to the output and renamed into place only once
+The pair is written under temporary names next to the output (`<prefix>.tmp<pid>.bin/.idx`,
+removed on failure; only a killed run leaves them behind) and renamed into place only once
 complete, so a failed run leaves an existing pair at the prefix untouched. (Between the two
 renames the old .idx briefly sits next to the new .bin; opening the data checks the pair and
 names such a mismatch.) megatron's sample-index cache is keyed by the .idx content
