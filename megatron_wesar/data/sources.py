@@ -94,8 +94,11 @@ class IndexedDatasets:
         from .versioned_gpt import VersionedGPTDataset, VersionedGPTDatasetConfig
 
         blend = get_blend_from_list(data_path)
-        inspect = lambda: [inspect_indexed_dataset(p) for p in blend[0]]  # noqa: E731
-        files = on_rank0(inspect) if dist.is_initialized() else inspect()
+
+        def inspect() -> list:
+            return [inspect_indexed_dataset(prefix) for prefix in blend[0]]
+
+        files = on_rank0(inspect) if dist.is_initialized() else inspect()  # one rank reads
         config = VersionedGPTDatasetConfig(
             random_seed=seed,
             sequence_length=seq_length,
