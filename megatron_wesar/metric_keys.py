@@ -82,3 +82,7 @@ def role_of_matrix(matrix: str) -> str:
 UPDATE_RATIO_SPREAD = spread_key(UPDATE_RATIO)
 WEIGHT_NORM_SPREAD = spread_key(WEIGHT_NORM)
 WEIGHT_RMS_SPREAD = spread_key(WEIGHT_RMS)
+
+# the spike policy's marks on a step record (megatron_wesar.training.divergence)
+SKIPPED_STEP = "skipped_step"  # 1.0 on a step the policy did not apply
+REWIND_TO = "rewind_to"  # on the step that made the policy rewind: the iteration it rewound to

@@ -21,6 +21,8 @@ class RunSummary(TypedDict):
     final_valid_loss: float | None
     valid_curve: list               # [[iteration, valid loss], ...]
     nonfinite_steps: int
+    skipped_steps: int              # steps the spike policy did not apply (--spike-policy skip)
+    rewinds: int                    # rewinds of --spike-policy rewind
     spikes: dict                    # {series: {rule: count}}
     spike_steps: dict               # {series: {rule: [flagged iterations]}}
     max_grad_norm: float | None

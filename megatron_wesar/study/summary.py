@@ -18,6 +18,8 @@ from ..coordination import atomic_write_json
 from ..init import ROLES
 from ..metric_keys import (
     GATE_PREFIX,
+    REWIND_TO,
+    SKIPPED_STEP,
     SPIKE_COUNT_PREFIX,
     SPIKE_FLAG_PREFIX,
     SPIKE_SERIES,
@@ -67,6 +69,7 @@ class RunMetrics:
     steps: list = field(default_factory=list)        # one record per optimizer step (has "loss")
     evals: list = field(default_factory=list)        # (iteration, valid_loss), by iteration
     torn_lines: int = 0                              # lines that were not complete JSON
+    rewinds: int = 0                                 # records of a rewind (REWIND_TO)
 
     @property
     def logged(self) -> list:
@@ -124,6 +127,8 @@ def load_metrics(path: str) -> RunMetrics:
         iteration = int(iteration)
         if "valid_loss" in obj:
             evals[iteration] = _number(obj["valid_loss"])
+        if REWIND_TO in obj:  # the rewound iteration is trained again: count it here
+            metrics.rewinds += 1
         if "loss" in obj:
             record = dict(steps.get(iteration, {}))
             record.update({k: v for k, v in obj.items() if k != "valid_loss"})
@@ -328,6 +333,8 @@ def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> Run
         "final_train_loss": final_train_loss(steps),
         "final_valid_loss": final_valid_loss(metrics.evals),
         "valid_curve": [[i, v] for i, v in metrics.evals],
+        "skipped_steps": sum(1 for r in steps if r.get(SKIPPED_STEP)),
+        "rewinds": metrics.rewinds,
         "nonfinite_steps": sum(1 for v in losses if v is None or not math.isfinite(v))
         + sum(1 for v in grad_norms if v is not None and not math.isfinite(v)),
         "spikes": spike_counts(metrics),

@@ -64,12 +64,14 @@ def table_grid(summary: Summary) -> str:
 
 
 def table_spikes(summary: Summary) -> str:
-    """Per method, summed over its runs: spikes per series and rule, non-finite steps, the
-    largest loss rise above its running minimum and the largest gradient norm."""
+    """Per method, summed over its runs: spikes per series and rule, non-finite steps (and,
+    when a spike policy acted in any run, the steps it skipped and its rewinds), the largest
+    loss rise above its running minimum and the largest gradient norm."""
     methods = methods_in_order(summary)
+    acted = any(r.get("skipped_steps") or r.get("rewinds") for r in summary["runs"])
     header = ["method", "runs"] + [f"{s} / {r}" for s in SPIKE_SERIES for r in SPIKE_RULES] + [
-        "non-finite steps", "max loss / running min: best LR", "any LR",
-        "max grad norm (any LR)"]
+        "non-finite steps"] + (["skipped steps", "rewinds"] if acted else []) + [
+        "max loss / running min: best LR", "any LR", "max grad norm (any LR)"]
     rows = []
     for m in methods:
         runs = [r for r in summary["runs"] if m == r["method"]]
@@ -78,6 +80,8 @@ def table_spikes(summary: Summary) -> str:
             for rule in SPIKE_RULES:
                 row.append(sum(int(r["spikes"].get(series, {}).get(rule, 0)) for r in runs))
         row.append(sum(r.get("nonfinite_steps", 0) for r in runs))
+        if acted:
+            row += [sum(r.get(key, 0) for r in runs) for key in ("skipped_steps", "rewinds")]
         best = [r["max_loss_rise"] for r in runs if r["lr"] == summary["methods"][m]["lr"]
                 and r.get("max_loss_rise") is not None]
         every = [r for r in runs if r.get("max_loss_rise") is not None]

@@ -6,9 +6,6 @@ import math
 import os
 import warnings
 
-SKIPPED_STEP = "skipped_step"  # 1.0 on a step the spike policy did not apply
-REWIND_TO = "rewind_to"  # the iteration the spike policy rewound to
-
 
 class MetricsWriter:
     """Writes metric records as JSONL lines and, if a directory is given and TensorBoard is

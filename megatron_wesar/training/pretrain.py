@@ -22,7 +22,7 @@ from ..compat.megatron_core import forked_processes_die_with_this_one
 from ..coordination import gather_stage_dicts
 from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
 from ..data.tokenizers import build_tokenizer
-from ..metric_keys import GATE_PREFIX, SPIKE_FLAG_PREFIX
+from ..metric_keys import GATE_PREFIX, REWIND_TO, SKIPPED_STEP, SPIKE_FLAG_PREFIX
 from ..monitor import GateTrajectory, SpikeTracker, UpdateRatioMonitor
 from .arguments import PretrainConfig, parse_pretrain_args
 from .checkpointing import (
@@ -34,7 +34,7 @@ from .checkpointing import (
 )
 from .divergence import NonFiniteStepError, RewindLimitError, SpikePolicy
 from .engine import LRSchedule, build_engine, evaluate, initialize_parallel, train_step
-from .metrics import REWIND_TO, SKIPPED_STEP, MetricsWriter
+from .metrics import MetricsWriter
 from .preemption import ExitSignalHandler
 from .run_lock import save_directory_lock
 

@@ -296,3 +296,19 @@ def test_small_study_end_to_end(tmp_path):
     assert "## Findings" in report and "| wesar |" in report
     for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png"):
         assert open(os.path.join(out_dir, name), "rb").read(8) == PNG_SIGNATURE
+
+
+def test_spike_table_counts_what_a_spike_policy_did(study_dir):
+    """Skipped steps and rewinds get their columns once any run has one, summed per method."""
+    from megatron_wesar.study.summary import summarize
+    from megatron_wesar.study.tables import table_spikes
+
+    summary = summarize(study_dir)
+    assert "rewinds" not in table_spikes(summary)  # no policy acted in the fixture
+    he = [r for r in summary["runs"] if r["method"] == "he"]
+    he[0]["rewinds"], he[1]["skipped_steps"] = 2, 3
+    table = table_spikes(summary).splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    row = next([c.strip() for c in line.strip("|").split("|")] for line in table
+               if line.startswith("| he |"))
+    assert row[header.index("skipped steps")] == "3" and row[header.index("rewinds")] == "2"

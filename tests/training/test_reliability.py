@@ -239,6 +239,16 @@ def test_skip_policy_does_not_apply_a_flagged_step(scenarios):
                if r.get("skipped_step")]
     assert skipped == [3]
     assert not any(r.get("skipped_step") for r in _metrics(os.path.join(root, "log.jsonl")))
+    assert _study_counts(root, "skip.jsonl") == (1, 0)  # what the study summary counts
+    assert _study_counts(root, "log.jsonl") == (0, 0)
+
+
+def _study_counts(root, name):
+    """(skipped steps, rewinds) of a metrics file as the study summary counts them."""
+    from megatron_wesar.study.summary import load_metrics, summarize_run
+
+    run = summarize_run("wesar", 1e-3, 1, load_metrics(os.path.join(root, name)))
+    return run["skipped_steps"], run["rewinds"]
 
 
 @pytest.mark.parallel
@@ -253,6 +263,7 @@ def test_rewind_policy_reloads_and_skips_the_data_since(scenarios):
     assert out["common"]["rewind"]["opt_param_scheduler"]["num_steps"] == 8
     records = _metrics(os.path.join(root, "rw.jsonl"))
     assert [r["rewind_to"] for r in records if "rewind_to" in r] == [4]
+    assert _study_counts(root, "rw.jsonl") == (0, 1)
     assert any("rewound to iteration 4" in line for line in lines)
     cap_losses, _, cap_error = out["rewind_cap"]
     assert cap_error and "RewindLimitError" in cap_error and "after 2 rewinds" in cap_error
