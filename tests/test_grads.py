@@ -2,6 +2,7 @@
 finalize or with none, and the optimizer param groups of the gates (no weight decay, LR
 multiplier)."""
 import math
+from functools import lru_cache
 
 import pytest
 import torch
@@ -67,39 +68,21 @@ def test_non_finite_gate_gradient_on_one_rank_raises_on_every_rank():
         assert expected in outcome[complete][1], (rank, outcome[complete][1])
 
 
-def _stock_finalize_with_deferred_gates(rank, world_size, case):
+def _custom_loop(rank, world_size, cases):
+    """One forward/backward of each (case, finalize) in a hand-written loop: the error message,
+    or (initial state, gate gradients). `finalize` None leaves config.finalize_model_grads_func
+    unset; "stock" sets megatron-core's own."""
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
-
-    model = build_case_model(case)
-    model.config.finalize_model_grads_func = finalize_model_grads
-    inputs, positions, labels = _batch(case)
-    try:
-        model(inputs, positions, None, labels=labels)
-        message = None
-    except RuntimeError as err:
-        message = str(err)
-    parallel_state.destroy_model_parallel()
-    return message
-
-
-@pytest.mark.parallel
-def test_deferred_gates_refuse_megatrons_stock_finalize():
-    message = run_distributed(_stock_finalize_with_deferred_gates, 2, Case(tp=2, sp=True))[0]
-    assert message is not None and "megatron_wesar.grads.finalize_model_grads" in message
-
-
-def _custom_loop(rank, world_size, cases):
-    """One forward/backward of each case's model in a hand-written loop that never sets
-    config.finalize_model_grads_func: the error message, or (initial state, gate gradients)."""
-    from megatron.core import parallel_state
 
     from megatron_wesar.layers import gate_parameters
 
     out = []
-    for case in cases:
+    for case, finalize in cases:
         model = build_case_model(case)
         assert model.config.finalize_model_grads_func is None
+        if finalize == "stock":
+            model.config.finalize_model_grads_func = finalize_model_grads
         initial = gather_canonical(model)
         inputs, positions, labels = _batch(case)
         try:
@@ -117,22 +100,40 @@ def _custom_loop(rank, world_size, cases):
     return out
 
 
+DEFERRED = Case(tp=2, sp=True)
+IN_BACKWARD = Case(tp=2, sp=True, swiglu=True, num_heads=8, num_query_groups=2,
+                   defer_gate_grad_reduction=False)
+
+
+@lru_cache(maxsize=None)
+def custom_loop_results():
+    """Rank 0's outcomes at TP = 2: deferred gates with megatron's stock finalize, deferred
+    gates with none, gates reduced in backward with none."""
+    cases = ((DEFERRED, "stock"), (DEFERRED, None), (IN_BACKWARD, None))
+    return run_distributed(_custom_loop, 2, cases)[0]
+
+
+@pytest.mark.parallel
+def test_deferred_gates_refuse_megatrons_stock_finalize():
+    message = custom_loop_results()[0]
+    assert isinstance(message, str), message
+    assert "megatron_wesar.grads.finalize_model_grads" in message
+    assert "found finalize_model_grads" in message
+
+
 @pytest.mark.parallel
 def test_custom_loop_at_tp2_gets_a_clear_error_or_exact_gate_sums():
     """Deferred reduction without the gate-aware finalize (None) is an error at the first
     forward; reduction in backward needs no finalize and gives the reference's gate gradients."""
-    deferred = Case(tp=2, sp=True)
-    in_backward = Case(tp=2, sp=True, swiglu=True, num_heads=8, num_query_groups=2,
-                       defer_gate_grad_reduction=False)
-    message, (initial, grads) = run_distributed(_custom_loop, 2, [deferred, in_backward])[0]
+    _, message, (initial, grads) = custom_loop_results()
     assert isinstance(message, str), message
     assert "finalize_model_grads_func" in message and "found None" in message
     assert "defer_gate_grad_reduction=False" in message
-    reference = ReferenceGPT(in_backward.arch(), initial)
-    inputs, _, labels = _batch(in_backward)
+    reference = ReferenceGPT(IN_BACKWARD.arch(), initial)
+    inputs, _, labels = _batch(IN_BACKWARD)
     reference(inputs, labels).backward()
     expected = {name: gate.grad for name, gate in reference.gates().items()}
-    assert grads.keys() == expected.keys() and len(grads) == in_backward.num_gates
+    assert grads.keys() == expected.keys() and len(grads) == IN_BACKWARD.num_gates
     for name, value in expected.items():
         err = ((grads[name] - value).abs() / value.abs()).item()
         assert err <= 1e-10, (name, grads[name].item(), value.item())

@@ -2,6 +2,7 @@
 entries of the gates, and clear errors for bad input."""
 import math
 from dataclasses import replace
+from functools import lru_cache
 from unittest import mock
 
 import pytest
@@ -232,12 +233,13 @@ def test_gates_are_replicated_entries_of_both_state_dicts():
             assert replica_id[1] == tp_rank, (key, replica_id)  # replicated over TP
 
 
-def _load_old_format(rank, world_size, case):
-    """Load state dicts of the old format (one gate for a fused layer) into the model: the error
-    messages, and whether the model still holds its own gates afterwards."""
+def _old_format_and_non_finite(rank, world_size, case):
+    """(1) Load state dicts of the old format (one gate for a fused layer) into the model: the
+    error messages, and whether the model still holds its own gates afterwards. (2) A NaN gate:
+    the forward's error message."""
     from megatron.core import parallel_state
 
-    from megatron_wesar.layers import OldGateFormatError
+    from megatron_wesar.layers import NonFiniteGateError, OldGateFormatError
 
     model = build_case_model(case)
     before = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
@@ -255,13 +257,27 @@ def _load_old_format(rank, world_size, case):
             messages.append(str(err))
     unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items()
                     if torch.is_tensor(v))
+    with torch.no_grad():
+        model.decoder.layers[1].mlp.linear_fc2.gate.fill_(float("nan"))
+    tokens = case.global_batch(0)[:1]
+    positions = torch.arange(case.seq_len).unsqueeze(0)
+    try:
+        model(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
+        non_finite = None
+    except NonFiniteGateError as err:
+        non_finite = str(err)
     parallel_state.destroy_model_parallel()
-    return messages, unchanged
+    return messages, unchanged, non_finite
+
+
+@lru_cache(maxsize=None)
+def single_process_results():
+    return run_distributed(_old_format_and_non_finite, 1, Case(swiglu=True))[0]
 
 
 @pytest.mark.parallel
 def test_old_one_gate_state_dict_is_refused_naming_the_old_format():
-    messages, unchanged = run_distributed(_load_old_format, 1, Case(swiglu=True))[0]
+    messages, unchanged, _ = single_process_results()
     assert len(messages) == 2 and unchanged
     qkv, fc1 = messages
     assert "decoder.layers.1.self_attention.linear_qkv.gate: " in qkv
@@ -270,29 +286,9 @@ def test_old_one_gate_state_dict_is_refused_naming_the_old_format():
     assert "linear_fc1.gate_gate, decoder.layers.1.mlp.linear_fc1.gate_up" in fc1
 
 
-def _non_finite_gate(rank, world_size, case):
-    from megatron.core import parallel_state
-
-    from megatron_wesar.layers import NonFiniteGateError
-
-    model = build_case_model(case)
-    with torch.no_grad():
-        model.decoder.layers[1].mlp.linear_fc2.gate.fill_(float("nan"))
-    tokens = case.global_batch(0)[:1]
-    positions = torch.arange(case.seq_len).unsqueeze(0)
-    try:
-        model(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
-    except NonFiniteGateError as err:
-        message = str(err)
-    else:
-        message = None
-    parallel_state.destroy_model_parallel()
-    return message
-
-
 @pytest.mark.parallel
 def test_non_finite_gate_raises_naming_the_gate():
-    message = run_distributed(_non_finite_gate, 1, Case())[0]
+    message = single_process_results()[2]
     assert message is not None
     assert "decoder.layers.1.mlp.linear_fc2.gate=nan" in message
 
