@@ -120,8 +120,8 @@ class GateScale(torch.autograd.Function):
                 grad_scale = torch.dot(grad.reshape(-1).to(acc), x.reshape(-1).to(acc))
             else:
                 columns = scale.numel()
-                grad_scale = torch.einsum("nc,nc->c", grad.reshape(-1, columns).to(acc),
-                                          x.reshape(-1, columns).to(acc))
+                grad_scale = (grad.reshape(-1, columns).to(acc)
+                              * x.reshape(-1, columns).to(acc)).sum(0)
             grad_scale = grad_scale.reshape(scale.shape).to(scale.dtype)
         return grad_x, grad_scale
 
