@@ -97,23 +97,25 @@ def parameter_device(config) -> torch.device:
 
 
 class GateScale(torch.autograd.Function):
-    """y = x * scale, for a (1,) gate or a per-column scale of shape (x.shape[-1],).
+    """y = x * scale (+ bias), for a (1,) gate or a per-column scale of shape (x.shape[-1],).
 
-    The multiply runs in x's dtype (the scale cast to it). Backward accumulates the scale's
-    gradient in fp32 or wider (one dot product for a (1,) gate, one per column otherwise) and
-    returns it in the scale's dtype.
+    The multiply runs in x's dtype (the scale cast to it); a bias (x.shape[-1],), when given, is
+    added in the same pass. Backward accumulates the scale's gradient in fp32 or wider (one dot
+    product for a (1,) gate, one per column otherwise) and returns it in the scale's dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, scale):
+    def forward(ctx, x, scale, bias=None):
         ctx.save_for_backward(x, scale)
-        return x * scale.to(x.dtype)
+        if bias is None:
+            return x * scale.to(x.dtype)
+        return torch.addcmul(bias, x, scale.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
         x, scale = ctx.saved_tensors
         grad_x = grad * scale.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_scale = None
+        grad_scale = grad_bias = None
         if ctx.needs_input_grad[1]:
             acc = torch.promote_types(grad.dtype, torch.float32)
             if scale.numel() == 1:
@@ -123,7 +125,9 @@ class GateScale(torch.autograd.Function):
                 grad_scale = (grad.reshape(-1, columns).to(acc)
                               * x.reshape(-1, columns).to(acc)).sum(0)
             grad_scale = grad_scale.reshape(scale.shape).to(scale.dtype)
-        return grad_x, grad_scale
+        if len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_scale, grad_bias
 
 
 def cheapest_placement(
@@ -270,8 +274,9 @@ class _Gated:
             return []
         return [getattr(self, part.gate_name) for part in self.matrix_parts]
 
-    def _scale(self, activation: torch.Tensor) -> torch.Tensor:
-        """Multiply `activation` by the gate(s) (identity when this layer is not gated)."""
+    def _scale(self, activation: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Multiply `activation` by the gate(s) and add `bias` (None: no bias) in one pass; the
+        activation itself when this layer is not gated."""
         gates = self.gates()
         if not gates:
             return activation
@@ -282,7 +287,7 @@ class _Gated:
             _check_finalize_reduces_gates(self.config)
         if self.fused_layout is not None:
             scale = self.fused_layout.column_scale(scale)
-        return GateScale.apply(activation, scale)
+        return GateScale.apply(activation, scale, bias)
 
     def _gated_linear(self, linear_forward, input_, **kwargs):
         """Run the parent linear with the gate on its input or output; return (output, bias)."""
@@ -290,9 +295,10 @@ class _Gated:
             input_ = self._scale(input_)
         output, bias = linear_forward(input_, **kwargs)
         if self.gate_placement == "output":
-            output = self._scale(output)
-            if self.add_bias_in_forward and bias is not None:
-                output, bias = output + bias, None
+            fused_bias = bias if self.add_bias_in_forward else None
+            output = self._scale(output, fused_bias)
+            if fused_bias is not None:
+                bias = None
         return output, bias
 
 
