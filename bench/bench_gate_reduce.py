@@ -1,7 +1,8 @@
 """Benchmark the step-level gate-gradient reduction against the ways it could otherwise be done.
 
-Spawns 2 gloo ranks (TP=2). For each preset's gate count (18: tiny, 50: 130m, 98: 1.3b,
-162: 13b; 4 gated matrices per layer + embedding + output layer) it builds a real megatron-core
+Spawns 2 gloo ranks (TP=2). For each preset's gate count (26: tiny, 74: 130m, 146: 1.3b,
+242: 13b; 6 gated matrices per layer (q, k, v, attention output, fc1, fc2) + embedding + output
+layer) it builds a real megatron-core
 WeSaR GPT of (gates - 2) / 4 layers (hidden size 32, sequence parallelism on, so every gate gradient
 but the embedding's is a TP partial sum) and gives every gate a nonzero gradient. It times, per
 call:
@@ -24,7 +25,7 @@ gradients over the two ranks (and leave the complete one alone) and that the ext
 the extension; it raises otherwise. Gradients are reset (untimed) before every call. Methods are
 interleaved within every repetition (order rotating); each call is timed after a barrier and a
 sample is the slower rank's time. The table reports min / median / max; the figures are median
-ratios: `speedup_vs_fallback_<gates>: ` (fallback / extension) per gate count, then, at 162
+ratios: `speedup_vs_fallback_<gates>: ` (fallback / extension) per gate count, then, at 242
 gates, `speedup_vs_per_gate: `, `speedup_vs_coalesced: ` and last `speedup_vs_fallback: `
 (each: that method / extension).
 
@@ -43,8 +44,8 @@ import torch.distributed as dist
 from _common import STATS_HEADER, count_calls, format_spread, max_over_ranks, run_two_ranks
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors  # what Megatron uses
 
-GATE_COUNTS = (18, 50, 98, 162)
-HEADLINE_COUNT = 162
+GATE_COUNTS = (26, 74, 146, 242)  # 4, 12, 24, 40 layers: 6 gates each + embedding, output
+HEADLINE_COUNT = 242
 METHODS = ("extension", "fallback", "fused_list", "per_gate", "coalesced", "floor")
 VOCAB, SEQ = 64, 16
 
@@ -125,10 +126,10 @@ def _time_gate_count(n, reps, warmup, group, rank) -> tuple:
     from megatron_wesar import gate_reduce
     from megatron_wesar.layers import gate_parameters
 
-    model = build_model((n - 2) // 4)
+    model = build_model((n - 2) // 6)
     gates = [gate for _, gate in gate_parameters(model)]
     if len(gates) != n:
-        raise RuntimeError(f"a {(n - 2) // 4}-layer model has {len(gates)} gates, not {n}")
+        raise RuntimeError(f"a {(n - 2) // 6}-layer model has {len(gates)} gates, not {n}")
     init = [torch.full((1,), 1e-3 * (i + 1) * (rank + 1)) for i in range(n)]
     for gate, value in zip(gates, init):
         gate.grad = value.clone()

@@ -66,6 +66,7 @@ from ..compat.megatron_core import (
     restore_distributed_optimizer_steps,
 )
 from ..coordination import agree, on_rank0
+from ..layers import old_gate_format_error
 from .checkpoint_files import build_manifest, list_files, verify_manifest
 
 __all__ = [
@@ -471,7 +472,7 @@ def _check_tensor_shapes(path: str, model_state: dict) -> None:
     """Compare the global shapes of the model's sharded tensors with the checkpoint's
     (catches shape differences the description does not name)."""
     saved = dist_checkpointing.load_tensors_metadata(path)
-    problems = []
+    problems, mine = [], set()
     stack = [model_state]
     while stack:
         node = stack.pop()
@@ -480,6 +481,7 @@ def _check_tensor_shapes(path: str, model_state: dict) -> None:
             if isinstance(value, (dict, list, tuple)):
                 stack.append(value)
             elif isinstance(value, ShardedTensor):
+                mine.add(value.key)
                 if value.key not in saved:
                     problems.append(f"{value.key}: missing from the checkpoint")
                 elif tuple(saved[value.key].global_shape) != tuple(value.global_shape):
@@ -487,6 +489,10 @@ def _check_tensor_shapes(path: str, model_state: dict) -> None:
                         f"{value.key}: checkpoint {tuple(saved[value.key].global_shape)}, "
                         f"this model {tuple(value.global_shape)}"
                     )
+    for key in saved:  # one gate for a fused linear: the format before one gate per matrix
+        new = sorted(k for k in mine if k.startswith(key + "_"))
+        if key.endswith(".gate") and key not in mine and new:
+            raise CheckpointMismatchError(str(old_gate_format_error(key, new)))
     if problems:
         raise CheckpointMismatchError(
             f"checkpoint {path} does not fit this model: " + "; ".join(sorted(problems)[:10])

@@ -123,8 +123,8 @@ def _resume_and_compare(rank, world_size, argv, ckpt_a, ckpt_b):
         "keys_b": sorted(tensors_b),
         "differ": sorted(k for k in tensors_a if k in tensors_b
                          and not tensors_a[k].equal(tensors_b[k])),
-        "gates_a": {k: v.tolist() for k, v in tensors_a.items() if k.endswith(".gate")},
-        "gates_b": {k: v.tolist() for k, v in tensors_b.items() if k.endswith(".gate")},
+        "gates_a": {k: v.tolist() for k, v in tensors_a.items() if _is_gate(k)},
+        "gates_b": {k: v.tolist() for k, v in tensors_b.items() if _is_gate(k)},
         "scheduler": (common_a["opt_param_scheduler"], common_b["opt_param_scheduler"]),
         "iteration": (common_a["iteration"], common_b["iteration"]),
     }
@@ -239,12 +239,18 @@ RTOL, RTOL_QKV_BIAS = 2e-5, 1e-3
 QKV_BIAS = "decoder.layers.self_attention.linear_qkv.bias"
 
 
+def _is_gate(key: str) -> bool:
+    """Whether a checkpoint key is a WeSaR gate (`gate`, or `gate_<part>` of a fused linear)."""
+    return key.rsplit(".", 1)[-1].startswith("gate")
+
+
 def _assert_full_state(ours, theirs):
     """Both checkpoints hold the same keys: every weight and gate, both Adam moments of each,
     and the Adam step."""
     weights = [k for k in theirs if not k.startswith("optimizer.")]
-    gates = [k for k in weights if k.endswith(".gate")]
-    assert len(gates) == 6, gates  # qkv, proj, fc1, fc2 (stacked over layers), embedding, output
+    gates = [k for k in weights if _is_gate(k)]
+    # q, k, v, proj, fc1, fc2 (each stacked over layers), embedding, output
+    assert len(gates) == 8, gates
     expected = sorted(weights + ["optimizer.state.common_step"] + [
         f"optimizer.state.{moment}.{k}" for moment in ("exp_avg", "exp_avg_sq") for k in weights])
     assert sorted(theirs) == expected and sorted(ours) == expected
@@ -543,3 +549,21 @@ def test_checkpoint_arguments():
         parse_pretrain_args(TINY + ["--save", "/x", "--save-interval", "0"])
     with pytest.raises(SystemExit):
         parse_pretrain_args(TINY + ["--save-interval", "5"])
+
+
+def test_a_checkpoint_with_one_gate_per_fused_linear_is_named_as_the_old_format():
+    """A dist checkpoint of the format before one gate per matrix (one `linear_qkv.gate`) is
+    refused with the old-format message, not as a list of missing keys."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_wesar.training import checkpointing
+
+    prefix = "model.decoder.layers.self_attention.linear_qkv"
+    mine = {part: ShardedTensor.from_rank_offsets(f"{prefix}.gate_{part}", torch.ones(1))
+            for part in ("q", "k", "v")}
+    saved = {f"{prefix}.gate": mock.Mock(global_shape=(1,))}
+    with mock.patch.object(checkpointing.dist_checkpointing, "load_tensors_metadata",
+                           return_value=saved):
+        with pytest.raises(checkpointing.CheckpointMismatchError, match="old format with ONE gate"):
+            checkpointing._check_tensor_shapes("/ckpt", mine)
