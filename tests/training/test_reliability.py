@@ -327,6 +327,7 @@ CLI = [sys.executable, "-m", "megatron_wesar", "pretrain", *TINY]
 UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.parallel  # two training processes, each with its own (one-rank) process group
 def test_command_line_exit_status(tmp_path):
     """A non-finite run: exit 1, one error line, no traceback. SIGTERM: exit 0, a checkpoint of
     the step in flight."""
