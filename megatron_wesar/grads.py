@@ -22,7 +22,9 @@ from .gate_reduce import allreduce_gate_grads
 from .layers import NonFiniteGateError, gate_parameters
 
 
-def _grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+def grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """A parameter's accumulated gradient: megatron's `main_grad` where DDP keeps one, else
+    `.grad`."""
     grad = getattr(param, "main_grad", None)
     return param.grad if grad is None else grad
 
@@ -49,7 +51,7 @@ def reduce_gate_grads(model: List[torch.nn.Module], tp_group=None) -> None:
     With TP > 1 the finiteness of the complete (never summed) gate gradients rides in the same
     collective as a flag, so every rank of the TP group raises NonFiniteGateError together.
     """
-    named = [(name, _grad_of(p), p.tp_partial_grad)
+    named = [(name, grad_of(p), p.tp_partial_grad)
              for chunk in model for name, p in _model_gates(chunk) if p.requires_grad]
     named = [(name, grad, partial) for name, grad, partial in named if grad is not None]
     if not named:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..coordination import gather_objects
+from ..grads import grad_of
 from ..layers import gate_parameters
 
 SPIKE_POLICIES = ("log", "skip", "rewind")
@@ -29,8 +30,7 @@ class RewindLimitError(RuntimeError):
 def _first_local_nonfinite_gate(model) -> str | None:
     for chunk in model:
         for name, gate in gate_parameters(chunk):
-            grad = getattr(gate, "main_grad", None)
-            grad = gate.grad if grad is None else grad
+            grad = grad_of(gate)
             if grad is not None and not bool(torch.isfinite(grad).all()):
                 return name.removeprefix("module.")
     return None

@@ -139,6 +139,7 @@ def _scenarios(rank, world_size, root, sigterm_at):
     # non-finite: a diverging baseline, checkpoints every 2 steps
     out["nan"] = _run(["--no-wesar", "--lr", 100, "--train-iters", 40, "--save", d("nan"),
                        "--save-interval", 2, "--metrics-file", d("nan.jsonl")])
+    out["nan_wesar"] = _run(["--lr", 100, "--train-iters", 40])
     # skip vs log: the same injected spike at iteration 3
     for policy in ("skip", "log"):
         out[policy] = _run(["--spike-policy", policy, "--train-iters", 5, "--save", d(policy),
@@ -221,6 +222,9 @@ def test_a_diverging_run_stops_at_its_first_nonfinite_step(scenarios):
     # the tracker is on the last checkpoint before it, which holds finite tensors only
     assert out["nan_tracker"] == (first_bad - 1) // 2 * 2 and out["nan_finite"]
     assert not os.path.exists(os.path.join(root, "nan", f"iter_{first_bad + first_bad % 2:07d}"))
+    wesar_error = out["nan_wesar"][2]  # WeSaR: the first gate whose gradient went non-finite
+    assert "NonFiniteStepError" in wesar_error
+    assert "first non-finite WeSaR gate gradient: " in wesar_error and ".gate" in wesar_error
     last = _metrics(os.path.join(root, "nan.jsonl"))[-1]
     assert last["iteration"] == first_bad and last["loss"] is None  # non-finite: null
 
