@@ -17,6 +17,14 @@ SPIKE_COUNT_PREFIX = "spikes/"  # spikes/<series>/<rule>: spikes flagged so far
 GATE_PREFIX = "gate/"           # gate/<matrix>: the gate value
 TOKENS_PER_S = "tokens_per_s"
 
+# the instability proxies of megatron_wesar.instability (Wortsman et al. 2023); a contract: every
+# key of the attention-logit monitor starts with ATTN_LOGIT_MAX, every key of log Z with
+# OUTPUT_LOG_Z
+ATTN_LOGIT_MAX = "attn_logit_max"             # the max over layers; attn_logit_max/layer_<i>
+OUTPUT_LOG_Z = "output_log_z"
+OUTPUT_LOG_Z_MEAN = OUTPUT_LOG_Z + "_mean"      # mean over tokens of log Z
+OUTPUT_LOG_Z_ABSMAX = OUTPUT_LOG_Z + "_absmax"  # max over tokens of |log Z|
+
 # the per-matrix statistics: each has the keys <stat>/<matrix>, <stat>_mean/<role>, <stat>_spread
 UPDATE_RATIO = "update_ratio"
 WEIGHT_NORM = "weight_norm"
@@ -61,6 +69,11 @@ def parse_spike_key(key: str, prefix: str):
 def matrix_key(stat: str, matrix: str) -> str:
     """<stat>/<matrix>."""
     return f"{stat}/{matrix}"
+
+
+def attn_logit_layer_key(layer: int) -> str:
+    """attn_logit_max/layer_<layer> (the global, 0-based layer index)."""
+    return f"{ATTN_LOGIT_MAX}/layer_{layer}"
 
 
 def role_mean_key(stat: str, role: str) -> str:

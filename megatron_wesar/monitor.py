@@ -243,7 +243,8 @@ class Matrix:
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
-def _unwrap(model):
+def unwrap_model(model):
+    """The bare module inside DDP / Float16Module wrappers (`.module` chains)."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
@@ -261,7 +262,7 @@ def gated_matrices(model) -> list[Matrix]:
     chunks = model if isinstance(model, (list, tuple)) else [model]
     out = []
     for chunk in chunks:
-        root = _unwrap(chunk)
+        root = unwrap_model(chunk)
         layers = getattr(getattr(root, "decoder", None), "layers", [])
         global_index = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
         for name, module in root.named_modules():
@@ -431,12 +432,19 @@ class GateTrajectory:
         self.steps: list[int] = []
         self.values: dict[str, list[float]] = {name: [] for name, _ in self.gates}
 
-    def record(self, step: int) -> dict:
-        """Read all gates (one device-to-host copy), append them; {gate/<matrix>: value}."""
+    def current(self) -> dict:
+        """{matrix: gate value} now (one device-to-host copy), recording nothing."""
         if not self.gates:
             return {}
         values = torch.cat([g.detach().reshape(1).double() for _, g in self.gates]).tolist()
+        return {name: value for (name, _), value in zip(self.gates, values)}
+
+    def record(self, step: int) -> dict:
+        """Read all gates (one device-to-host copy), append them; {gate/<matrix>: value}."""
+        values = self.current()
+        if not values:
+            return {}
         self.steps.append(step)
-        for (name, _), value in zip(self.gates, values):
+        for name, value in values.items():
             self.values[name].append(value)
-        return {f"{GATE_PREFIX}{name}": value for (name, _), value in zip(self.gates, values)}
+        return {f"{GATE_PREFIX}{name}": value for name, value in values.items()}

@@ -22,7 +22,15 @@ from ..compat.megatron_core import forked_processes_die_with_this_one
 from ..coordination import gather_stage_dicts
 from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
 from ..data.tokenizers import build_tokenizer
-from ..metric_keys import GATE_PREFIX, REWIND_TO, SKIPPED_STEP, SPIKE_FLAG_PREFIX
+from ..instability import InstabilityMonitor
+from ..metric_keys import (
+    ATTN_LOGIT_MAX,
+    GATE_PREFIX,
+    OUTPUT_LOG_Z_MEAN,
+    REWIND_TO,
+    SKIPPED_STEP,
+    SPIKE_FLAG_PREFIX,
+)
 from ..monitor import GateTrajectory, SpikeTracker, UpdateRatioMonitor
 from .arguments import PretrainConfig, parse_pretrain_args
 from .checkpointing import (
@@ -134,9 +142,11 @@ def pretrain(config: PretrainConfig, log=print) -> list[dict]:
     """Train for config.training.train_iters steps; return one record per log interval.
 
     Rank 0 logs a progress line per log interval and writes the metrics JSONL: a {"run": config,
-    "schedule": the LR schedule in effect} line, one line per step (iteration, loss, grad_norm,
-    lr, the spike flags raised, `skipped_step` / `rewind_to` when the spike policy acted), the
-    monitors at log intervals (update ratios, norms, gates, spike counts, tokens/s) and a
+    "schedule": the LR schedule in effect, "initial_gates": {matrix: gate value at the start}}
+    line, one line per step (iteration, loss, grad_norm, lr, the spike flags raised,
+    `skipped_step` / `rewind_to` when the spike policy acted), the monitors at log intervals
+    (update ratios, norms, gates, the instability proxies of megatron_wesar.instability, spike
+    counts, tokens/s) and a
     {"iteration", "valid_loss"} line per evaluation. A non-finite step is never applied (policy
     log stops the run there with NonFiniteStepError); SIGTERM / SIGINT end the run after the
     current step with a checkpoint (--exit-signal-handler).
@@ -184,6 +194,7 @@ class TrainingLoop:
         self.spikes = SpikeTracker()
         self.monitor = UpdateRatioMonitor(engine.model)
         self.gates = GateTrajectory(engine.model)
+        self.proxies = InstabilityMonitor(engine.model)  # hooked on logging iterations only
         self.is_logger = dist.get_rank() == 0
 
     def _say(self, line: str) -> None:
@@ -207,7 +218,8 @@ class TrainingLoop:
                                      logging.tensorboard_dir if self.is_logger else None)
         try:
             self.metrics.write({"run": asdict(self.config),
-                                "schedule": schedule_in_effect(self.engine.scheduler)})
+                                "schedule": schedule_in_effect(self.engine.scheduler),
+                                "initial_gates": gather_stage_dicts(self.gates.current())})
             return self._steps(first_step)
         finally:
             self.metrics.close()
@@ -252,10 +264,15 @@ class TrainingLoop:
             flags.update(self.spikes.update(iteration, loss=loss, grad_norm=grad_norm))
             return self.policy.applies(any(flags.values()))
 
-        result = train_step(
-            self.engine, self._microbatches(batch), *self.step_shape,
-            after_backward=(lambda _: self.monitor.snapshot()) if log_now else None,
-            decide=decide)
+        if log_now:
+            self.proxies.enable()
+        try:
+            result = train_step(
+                self.engine, self._microbatches(batch), *self.step_shape,
+                after_backward=(lambda _: self.monitor.snapshot()) if log_now else None,
+                decide=decide)
+        finally:
+            self.proxies.disable()
         if result.nonfinite:
             flags = self.spikes.update(iteration, loss=result.loss, grad_norm=result.grad_norm)
         record = {
@@ -281,6 +298,7 @@ class TrainingLoop:
             if result.update_successful:
                 self.monitor.measure()
                 record.update(self.monitor.read())
+            record.update(self.proxies.read())  # the step's forward, applied or not
             record.update(gather_stage_dicts(self.gates.record(iteration)))
             record.update(self.spikes.counts())
             tokens = training.global_batch_size * self.config.model.seq_length
@@ -316,7 +334,8 @@ class TrainingLoop:
 
 
 def format_progress(record: dict, train_iters: int) -> str:
-    """One progress line: iteration, loss, lr, grad norm, tokens/s, update-ratio spread, gates."""
+    """One progress line: iteration, loss, lr, grad norm, tokens/s, update-ratio spread, the
+    instability proxies, gates."""
     grad_norm = record["grad_norm"]
     line = (
         f"iteration {record['iteration']:>6}/{train_iters} | loss {record['loss']:.4f} | "
@@ -326,6 +345,10 @@ def format_progress(record: dict, train_iters: int) -> str:
     )
     if "update_ratio_spread" in record:
         line += f" | update-ratio spread {record['update_ratio_spread']:.2f}"
+    if ATTN_LOGIT_MAX in record:
+        line += f" | attn logit max {record[ATTN_LOGIT_MAX]:.1f}"
+    if OUTPUT_LOG_Z_MEAN in record:
+        line += f" | log Z {record[OUTPUT_LOG_Z_MEAN]:.2f}"
     gates = [v for k, v in record.items() if k.startswith(GATE_PREFIX)]
     if gates:
         line += f" | gates [{min(gates):.3f}, {max(gates):.3f}]"
