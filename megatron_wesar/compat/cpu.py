@@ -94,12 +94,24 @@ class _CudaAsCpu(TorchFunctionMode):
 
 
 def _cuda_as_cpu(fn: Callable) -> Callable:
+    """`fn` run under the _CudaAsCpu mode; entered once (a nested mode would rename
+    'torch.cuda.FloatTensor' again, to 'torch.cuda.cuda.FloatTensor')."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if any(isinstance(mode, _CudaAsCpu) for mode in _function_modes()):
+            return fn(*args, **kwargs)
         with _CudaAsCpu():
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _function_modes() -> list:
+    """The active torch function modes, innermost last."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    return _get_current_function_mode_stack()
 
 
 def _current_device():
