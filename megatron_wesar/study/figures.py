@@ -5,7 +5,14 @@ import math
 import os
 
 from ..init import ROLES
-from ..metric_keys import UPDATE_RATIO, UPDATE_RATIO_SPREAD, role_mean_key, role_of_matrix
+from ..metric_keys import (
+    ATTN_LOGIT_MAX,
+    OUTPUT_LOG_Z_MEAN,
+    UPDATE_RATIO,
+    UPDATE_RATIO_SPREAD,
+    role_mean_key,
+    role_of_matrix,
+)
 from .format import format_lr
 from .schema import Summary
 from .selection import methods_in_order, runs_at
@@ -16,15 +23,20 @@ FIGURES = {
     "lr_sensitivity": "lr_sensitivity.png",
     "update_ratios": "update_ratios.png",
     "gates": "gates.png",
+    "proxies": "instability_proxies.png",
 }
 
 
 def draw_figures(study_dir: str, summary: Summary) -> bool:
-    """Write the FIGURES into `study_dir`; False (and no gates.png) when no run has gates."""
+    """Write the FIGURES into `study_dir`; False (and no gates.png) when no run has gates. The
+    proxies figure is left out when no run has the instability proxies."""
     cache = _metrics_cache(study_dir, summary)
     figure_loss_curves(summary, cache, os.path.join(study_dir, FIGURES["loss_curves"]))
     figure_lr_sensitivity(summary, os.path.join(study_dir, FIGURES["lr_sensitivity"]))
     figure_update_ratios(summary, cache, os.path.join(study_dir, FIGURES["update_ratios"]))
+    proxies_path = os.path.join(study_dir, FIGURES["proxies"])
+    if not figure_proxies(summary, cache, proxies_path) and os.path.exists(proxies_path):
+        os.remove(proxies_path)
     gates_path = os.path.join(study_dir, FIGURES["gates"])
     has_gates = figure_gates(summary, cache, gates_path)
     if not has_gates and os.path.exists(gates_path):
@@ -243,4 +255,42 @@ def figure_gates(summary: Summary, cache: dict, path: str) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------- the report
+
+def figure_proxies(summary: Summary, cache: dict, path: str) -> bool:
+    """The largest attention logit and the mean log Z over steps, each method at its best LR
+    and at the highest LR of the grid (first seed); False when no run has them."""
+    plt = _pyplot()
+    methods = methods_in_order(summary)
+    colors = _colors(methods)
+    top = max(r["lr"] for r in summary["runs"])
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), squeeze=False)
+    any_data = False
+    for col, (title, lr_of) in enumerate((
+            ("each method's best LR", lambda m: summary["methods"][m]["lr"]),
+            (f"the highest LR {format_lr(top)}", lambda m: top))):
+        for m in methods:
+            runs = runs_at(summary, m, lr_of(m))
+            metrics = cache.get((m, lr_of(m), runs[0]["seed"])) if runs else None
+            if metrics is None:
+                continue
+            for row, key in enumerate((ATTN_LOGIT_MAX, OUTPUT_LOG_Z_MEAN)):
+                points = [(r["iteration"], r[key]) for r in metrics.logged
+                          if isinstance(r.get(key), (int, float))]
+                if points:
+                    any_data = True
+                    axes[row][col].plot(*zip(*points), "-", color=colors[m],
+                                        label=f"{m} (LR {format_lr(lr_of(m))})")
+        axes[0][col].set_title(f"largest attention logit, {title}")
+        axes[0][col].set_yscale("symlog")
+        axes[1][col].set_title(f"mean log Z of the output, {title}")
+        for row in range(2):
+            axes[row][col].set_xlabel("step")
+            axes[row][col].grid(alpha=0.3)
+            if any_data:
+                axes[row][col].legend(fontsize=7)
+    fig.suptitle("Instability proxies (Wortsman et al. 2023), first seed")
+    fig.tight_layout()
+    if any_data:
+        fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return any_data

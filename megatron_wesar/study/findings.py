@@ -20,9 +20,10 @@ def findings(summary: Summary) -> str:
     if not methods:
         return "No runs."
     parts = []
-    for topic in (_ranking_sentences, _grid_edge_sentences, _baseline_sentences,
+    for topic in (_regime_sentences, _ranking_sentences, _protocol_sentences,
+                  _grid_edge_sentences, _baseline_sentences, _stability_sentences,
                   _spike_sentences, _loss_rise_sentences, _rule_window_sentences,
-                  _update_ratio_sentences, _gate_sentences):
+                  _proxy_sentences, _update_ratio_sentences, _gate_sentences):
         parts += topic(summary, methods)
     return " ".join(parts)
 
@@ -54,12 +55,154 @@ def _ranking_sentences(summary: Summary, methods: list) -> list:
     out = [f"Compared at each method's own best learning rate, {top} reaches the lowest final "
            f"validation loss{seed_text}: {top_loss:.3f} at LR {format_lr(info[top]['lr'])}"
            + ("; " + "; ".join(others) if others else "") + "."]
-    if len(ranked) > 1:
+    if len(ranked) > 1 and len(seeds) == 1:
         second = ranked[1]
         v2 = _finite_or_none(info[second]["final_valid_loss"])
         if v2 is not None and v2 - top_loss < 0.01:
             out.append(f"The gap between {top} and {second} ({v2 - top_loss:.3f}) is "
                        "within what one seed of this size can separate.")
+    return out
+
+
+def _regime_sentences(summary: Summary, methods: list) -> list:
+    """Which sigma regime the gated methods ran in, and where their gates started: which roles'
+    gates start below 1 (WeSaR lowers their update ratios) and which above."""
+    out = []
+    for m in methods:
+        run = next((r for r in summary["runs"] if r["method"] == m and r.get("alpha0")), None)
+        if run is None:
+            continue
+        alpha0 = run["alpha0"]
+        regime = (f"the paper's {run['sigma_regime']} regime" if run.get("sigma_regime")
+                  else "an explicit sigma, no regime")
+        sigma = f"sigma = {run['sigma']:.4g}, " if run.get("sigma") is not None else ""
+        below = [f"{role} {v:.2f}" for role, v in alpha0.items() if v < 1]
+        above = [f"{role} {v:.2f}" for role, v in alpha0.items() if v >= 1]
+        text = f"{m} ran with {sigma}{regime}: its gates start "
+        if below and above:
+            text += (f"below 1 for {', '.join(below)} (their update ratios are lowered) and at or "
+                     f"above 1 for {', '.join(above)}.")
+        elif above:
+            text += (f"at or above 1 for every role ({', '.join(above)}): sigma lies below every "
+                     "backbone std, so WeSaR raises every update ratio, unlike in the paper's "
+                     "models.")
+        else:
+            text += f"below 1 for every role ({', '.join(below)})."
+        out.append(text)
+    return out
+
+
+def _difference_text(baseline: str, diff: dict) -> str:
+    """"<baseline> (<mean> ± <half width>)" of a paired difference."""
+    if diff["mean"] is None:
+        return baseline
+    half = f" ± {diff['half_width']:.3f}" if diff["half_width"] is not None else ""
+    return f"{baseline} ({diff['mean']:+.3f}{half})"
+
+
+VERDICT_WORDS = (("a lower", "lower than"), ("b lower", "higher than"),
+                 ("within noise", "within seed noise of"),
+                 ("one seed", "compared on one seed only (no noise estimate) with"))
+
+
+def _protocol_sentences(summary: Summary, methods: list) -> list:
+    """What each non-baseline method's paired differences against the baselines say, under each
+    protocol, and which claim holds under which."""
+    protocols = summary.get("protocols") or {}
+    shared = summary.get("shared_lr") or {}
+    names = {"best": "at each method's own best LR",
+             "shared": f"at the shared LR {format_lr(shared.get('lr', 0))}"}
+    out = []
+    for m in methods:
+        wins = {}
+        for protocol in ("best", "shared"):
+            paired = (protocols.get(protocol) or {}).get("paired", {}).get(m)
+            if not paired:
+                continue
+            wins[protocol] = all(d["verdict"] == "a lower" for d in paired.values())
+            parts = []
+            for verdict, words in VERDICT_WORDS:
+                listed = [_difference_text(b, d) for b, d in paired.items()
+                          if d["verdict"] == verdict]
+                if listed:
+                    parts.append(f"{words} {', '.join(listed)}")
+            n = max(d["n"] for d in paired.values())
+            source = f" ({shared['source']})" if protocol == "shared" else ""
+            out.append(f"Paired over the same seeds ({n}), {names[protocol]}{source}, {m}'s "
+                       "final validation loss is " + "; ".join(parts)
+                       + f" (difference {m} - baseline, 95% interval).")
+        if len(wins) == 2:
+            claim = f"So the claim that {m} beats every baseline outside seed noise holds "
+            if wins["best"] != wins["shared"]:
+                holds, fails = ("best", "shared") if wins["best"] else ("shared", "best")
+                out.append(claim + f"{names[holds]} and not {names[fails]}.")
+            else:
+                out.append(claim + ("under both protocols." if wins["best"] else
+                                    "under neither protocol."))
+    return out
+
+
+def _stability_sentences(summary: Summary, methods: list) -> list:
+    """Which methods diverged at which LRs (and whether each non-baseline method diverged where
+    a baseline did), and the LR sensitivity ranking."""
+    stability = summary.get("stability") or {}
+    if not stability:
+        return []
+    out = []
+    diverged = {m: stability[m]["diverged_lrs"] for m in methods if m in stability}
+    if not any(diverged.values()):
+        out.append("No run diverged (no non-finite step, every final loss below the loss at "
+                   "initialisation) at any LR of the grid.")
+    else:
+        out.append("Diverged (a non-finite step, or a final loss not below the first step's): "
+                   + "; ".join(f"{m} at LR {', '.join(format_lr(lr) for lr in lrs)}"
+                               for m, lrs in diverged.items() if lrs) + ".")
+        baselines = set(summary.get("baseline_methods") or [])
+        for m in methods:
+            if m in baselines or m not in diverged:
+                continue
+            failed_lrs = sorted({lr for b in baselines for lr in diverged.get(b, [])})
+            survived = [lr for lr in failed_lrs if lr not in diverged[m]]
+            if failed_lrs:
+                lrs = ", ".join(map(format_lr, failed_lrs))
+                out.append(f"At the LRs where a baseline diverged ({lrs}), {m} "
+                           + (f"did not at {', '.join(map(format_lr, survived))}"
+                              if survived else "diverged too") + ".")
+    sens = {m: stability[m]["lr_sensitivity"] for m in methods
+            if stability.get(m, {}).get("lr_sensitivity") is not None}
+    if len(sens) > 1:
+        ranked = sorted(sens, key=sens.get)
+        out.append("LR sensitivity (Wortsman et al. 2023: the mean over the grid of "
+                   "min(final loss, L0) minus the best final loss; lower is more robust): "
+                   + ", ".join(f"{m} {sens[m]:.3f}" for m in ranked)
+                   + f"; {ranked[0]} is the least sensitive over this grid.")
+    return out
+
+
+def _proxy_sentences(summary: Summary, methods: list) -> list:
+    """The instability proxies at the highest LR of the grid and at each method's best LR."""
+    runs = [r for r in summary["runs"] if r.get("attn_logit_max_peak") is not None]
+    if not runs:
+        return []
+    top = max(r["lr"] for r in runs)
+    at_top = {}
+    for m in methods:
+        values = [r["attn_logit_max_peak"] for r in runs if r["method"] == m and r["lr"] == top]
+        if values:
+            at_top[m] = max(values)
+    at_best = {}
+    for m in methods:
+        values = [r["attn_logit_max_peak"] for r in runs
+                  if r["method"] == m and r["lr"] == summary["methods"][m]["lr"]]
+        if values:
+            at_best[m] = max(values)
+    out = ["The largest attention logit (peak over the logged steps) is, at each method's best "
+           "LR, " + ", ".join(f"{m} {v:.3g}" for m, v in at_best.items())
+           + f"; at the highest LR {format_lr(top)}, "
+           + ", ".join(f"{m} {v:.3g}" for m, v in at_top.items()) + "."]
+    if at_top and at_best and max(at_top.values()) > 10 * max(at_best.values()):
+        out.append("Attention-logit growth (Wortsman et al. 2023) shows at the highest LR: its "
+                   "largest logits exceed those at the best LRs more than tenfold.")
     return out
 
 

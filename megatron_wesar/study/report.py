@@ -1,10 +1,12 @@
 """`megatron-wesar report DIR`: render DIR/report.md and its figures from a study folder.
 
-The report assembles, in this order: a header on the setup, the Findings paragraph
-(`findings`), the tables (`tables`: best LR per method, the LR x method validation-loss grid,
-spike counts per rule, update ratios per role at each method's best LR) and the figures
-(`figures`: loss curves per LR, the learning-rate sensitivity of Wortsman et al. 2023, the
-relative update ratios over steps, and WeSaR's gate values over steps).
+The report assembles, in this order: a header on the setup, the initial gates per role with the
+sigma regime, the Findings paragraph (`findings`), the tables (`tables`: the two comparison
+protocols and their paired differences, best LR per method, the LR x method validation-loss grid,
+stability over the grid, spike counts per rule, update ratios per role at each method's best LR,
+the instability proxies) and the figures (`figures`: loss curves per LR, the learning-rate
+sensitivity of Wortsman et al. 2023, the relative update ratios over steps, the instability
+proxies over steps, and WeSaR's gate values over steps).
 """
 from __future__ import annotations
 
@@ -17,7 +19,17 @@ from .format import format_lr
 from .schema import Summary
 from .selection import methods_in_order
 from .summary import load_summary, normalized, read_json, write_summary
-from .tables import table_best, table_grid, table_spikes, table_update_ratios
+from .tables import (
+    table_alpha0,
+    table_best,
+    table_grid,
+    table_paired,
+    table_protocols,
+    table_proxies,
+    table_spikes,
+    table_stability,
+    table_update_ratios,
+)
 
 
 def _header(summary: Summary, study: dict) -> str:
@@ -87,10 +99,26 @@ def render_report(study_dir: str, summary: Summary | None = None) -> str:
     from ..monitor import default_rules
 
     bb = summary.get("best_baseline")
-    sections = [
-        _header(summary, study),
+    sections = [_header(summary, study)]
+    alpha0 = table_alpha0(summary)
+    if alpha0:
+        sections += ["## Sigma regime and initial gates",
+                     "alpha_0 = sigma_role / sigma per role (mean over the role's matrices), as "
+                     "the gates started in the runs (the metrics header's initial_gates). Gates "
+                     "below 1 mark the matrices whose update ratios WeSaR lowers.", alpha0]
+    sections += [
         "## Findings",
         findings(summary),
+        "## Two comparisons: each method at its best LR, every method at one shared LR",
+        "Final validation loss, mean ± sample std over the seeds that ran the cell. The shared "
+        "LR: " + (f"{format_lr(summary['shared_lr']['lr'])}, {summary['shared_lr']['source']}."
+                  if summary.get("shared_lr") else "none (no baseline has a finite loss)."),
+        table_protocols(summary),
+        "Paired differences: per seed, the method's final validation loss minus the baseline's "
+        "(the same seed: the same data order), mean ± the half width of its 95% interval "
+        "(Student's t over the seeds). A method is lower or higher only when that interval "
+        "excludes 0 (outside the seed noise).",
+        table_paired(summary) or "No method other than the baselines ran.",
         "## Best learning rate per method",
         "Final train loss: mean over the last 10% of steps; final valid loss: the last "
         "evaluation (seed means where there are several seeds). Steps to the best baseline: the "
@@ -104,6 +132,13 @@ def render_report(study_dir: str, summary: Summary | None = None) -> str:
         table_grid(summary),
         f"![learning-rate sensitivity]({FIGURES['lr_sensitivity']})",
         f"![loss curves]({FIGURES['loss_curves']})",
+        "## Stability over the learning-rate grid",
+        "A run diverged when a step was not finite or its final validation loss is not below "
+        "its first training loss L0. LR sensitivity (Wortsman et al. 2023): the mean over the "
+        "method's LRs of min(final loss, L0) minus its best final loss (seed means; a diverged "
+        "cell counts as L0). The highest stable LR: the highest LR below every LR where a seed "
+        "diverged.",
+        table_stability(summary),
         "## Spike counts per rule",
         "Summed over every run of a method (all LRs and seeds). Rules (from "
         "megatron_wesar.monitor): " + "; ".join(r.describe() for r in default_rules()) + ".",
@@ -117,6 +152,14 @@ def render_report(study_dir: str, summary: Summary | None = None) -> str:
         table_update_ratios(summary),
         f"![update ratios]({FIGURES['update_ratios']})",
     ]
+    proxies = table_proxies(summary)
+    if proxies:
+        sections += ["## Instability proxies",
+                     "Wortsman et al. 2023: the largest attention logit (softmax_scale * q.k over "
+                     "heads, tokens and unmasked pairs, max over layers) and the output "
+                     "log-partition log Z (logsumexp over the vocabulary), measured on the "
+                     "logging steps; seed means.", proxies,
+                     f"![instability proxies]({FIGURES['proxies']})"]
     if has_gates:
         sections += ["## Gates", "Each gate relative to its first logged value, at the gated "
                      "method's best LR.", f"![gates]({FIGURES['gates']})"]

@@ -18,7 +18,9 @@ class RunSummary(TypedDict):
     steps: int                      # optimizer steps in the metrics file
     train_iters: int | None
     final_train_loss: float | None
-    final_valid_loss: float | None
+    final_valid_loss: float | None  # inf (both) when a step was not finite
+    initial_loss: float | None      # the first step's training loss (L0)
+    diverged: bool                  # a non-finite step, or final loss not below L0
     valid_curve: list               # [[iteration, valid loss], ...]
     nonfinite_steps: int
     skipped_steps: int              # steps the spike policy did not apply (--spike-policy skip)
@@ -38,6 +40,13 @@ class RunSummary(TypedDict):
     gate_count: int
     gate_max_rel_change: float | None
     tokens_per_s: float | None
+    attn_logit_max_final: float | None      # the largest attention logit, last logged step
+    attn_logit_max_peak: float | None       # ... its largest logged value
+    output_log_z_final: float | None        # mean log Z over tokens, last logged step
+    output_log_z_absmax_peak: float | None  # the largest logged max |log Z|
+    sigma: float | None             # WeSaR's common std (the run's header)
+    sigma_regime: str | None        # the sigma regime that placed it, if any
+    alpha0: dict                    # {role: mean initial gate value}; {} without gates
     metrics_file: str               # relative to the study folder; added by summarize
 
 
@@ -46,8 +55,10 @@ class GridCell(TypedDict):
 
     final_valid_loss: float | None  # seed mean; inf when a seed diverged
     final_train_loss: float | None
+    valid_std: float | None         # sample std over the seeds (None below two)
     seeds: list
     valid_by_seed: list
+    diverged_seeds: list
 
 
 class MethodSummary(TypedDict):
@@ -70,6 +81,44 @@ class BestBaseline(TypedDict):
     final_valid_loss: float
 
 
+class SeedSpread(TypedDict):
+    """statistics.seed_spread: a cell's final validation losses over its seeds."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    diverged: int
+
+
+class PairedDifference(TypedDict):
+    """statistics.paired_difference: method - baseline over their common seeds."""
+
+    seeds: list
+    diffs: list
+    mean: float | None
+    std: float | None
+    n: int
+    half_width: float | None        # 95% confidence interval half width (Student's t)
+    verdict: str                    # "a lower", "b lower", "within noise", "one seed", ...
+
+
+class Protocol(TypedDict):
+    """One comparison protocol: which LR each method ran at, and its numbers there."""
+
+    lrs: dict                       # {method: lr}
+    cells: dict[str, SeedSpread]
+    paired: dict[str, dict[str, PairedDifference]]  # {method: {baseline: difference}}
+
+
+class Stability(TypedDict):
+    """One method over the LR grid."""
+
+    initial_loss: float | None
+    lr_sensitivity: float | None    # Wortsman et al. 2023
+    diverged_lrs: list
+    highest_stable_lr: float | None
+
+
 class Summary(TypedDict):
     """A study's summary (summary.json)."""
 
@@ -80,3 +129,6 @@ class Summary(TypedDict):
     best_baseline: BestBaseline | None
     baseline_methods: list
     skipped_runs: dict              # {metrics file: why it could not be read}
+    shared_lr: dict | None          # {"lr", "source"} of the shared-LR protocol
+    protocols: dict[str, Protocol]  # "best" and (with a shared LR) "shared"
+    stability: dict[str, Stability]

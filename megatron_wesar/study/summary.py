@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from ..coordination import atomic_write_json
 from ..init import ROLES
 from ..metric_keys import (
+    ATTN_LOGIT_MAX,
     GATE_PREFIX,
+    OUTPUT_LOG_Z_ABSMAX,
+    OUTPUT_LOG_Z_MEAN,
     REWIND_TO,
     SKIPPED_STEP,
     SPIKE_COUNT_PREFIX,
@@ -30,9 +33,11 @@ from ..metric_keys import (
     WEIGHT_RMS_SPREAD,
     parse_spike_key,
     role_mean_key,
+    role_of_matrix,
 )
 from .format import format_lr
-from .schema import GridCell, MethodSummary, RunSummary, Summary
+from .schema import BestBaseline, GridCell, MethodSummary, RunSummary, Summary
+from .statistics import lr_sensitivity, paired_difference, seed_spread
 
 # the role every relative update ratio is taken against (FFN-up), and the roles shown against it
 REFERENCE_ROLE = "fc1"
@@ -66,6 +71,7 @@ class RunMetrics:
     """The parsed metrics file of one run."""
 
     header: dict = field(default_factory=dict)       # the {"run": {...}} line's dict
+    initial_gates: dict = field(default_factory=dict)  # {matrix: gate value at the start}
     steps: list = field(default_factory=list)        # one record per optimizer step (has "loss")
     evals: list = field(default_factory=list)        # (iteration, valid_loss), by iteration
     torn_lines: int = 0                              # lines that were not complete JSON
@@ -118,6 +124,7 @@ def load_metrics(path: str) -> RunMetrics:
             continue
         if "run" in obj and isinstance(obj["run"], dict):
             metrics.header = obj["run"]
+            metrics.initial_gates = obj.get("initial_gates") or {}
             continue
         iteration = obj.get("iteration")
         if iteration is None:
@@ -309,8 +316,52 @@ def _last_value(logged: list, key: str):
     return next((_number(r[key]) for r in logged[::-1] if key in r), None)
 
 
+def initial_gates_by_role(initial_gates: dict) -> dict:
+    """{role: mean initial gate value (alpha_0) over the role's matrices} in ROLES order."""
+    values = {}
+    for name, value in initial_gates.items():
+        value = _number(value)
+        if value is not None:
+            values.setdefault(role_of_matrix(name), []).append(value)
+    return {role: math.fsum(values[role]) / len(values[role]) for role in (*ROLES, "other")
+            if role in values}
+
+
+def _proxy_series(logged: list, key: str) -> list:
+    return [v for v in (_number(r.get(key)) for r in logged) if v is not None]
+
+
+def proxies(logged: list) -> dict:
+    """The instability proxies of one run (megatron_wesar.instability): the largest attention
+    logit at the last logged step and its peak over the run, log Z's mean at the last logged
+    step and the peak of |log Z|; None where the metrics hold none."""
+    attn = _proxy_series(logged, ATTN_LOGIT_MAX)
+    log_z = _proxy_series(logged, OUTPUT_LOG_Z_MEAN)
+    log_z_abs = _proxy_series(logged, OUTPUT_LOG_Z_ABSMAX)
+    finite = [v for v in attn if math.isfinite(v)]
+    finite_abs = [v for v in log_z_abs if math.isfinite(v)]
+    return {
+        "attn_logit_max_final": attn[-1] if attn else None,
+        "attn_logit_max_peak": max(finite) if finite else None,
+        "output_log_z_final": log_z[-1] if log_z else None,
+        "output_log_z_absmax_peak": max(finite_abs) if finite_abs else None,
+    }
+
+
+def _diverged(final_loss, initial_loss, nonfinite_steps: int) -> bool:
+    """A run diverged when a step was not finite, or its final loss is not finite or not below
+    the loss at initialisation (the L0 of Wortsman et al.'s LR sensitivity)."""
+    if nonfinite_steps:
+        return True
+    if final_loss is None:
+        return False
+    return not math.isfinite(final_loss) or (initial_loss is not None
+                                             and final_loss >= initial_loss)
+
+
 def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> RunSummary:
-    """The per-run entry of summary.json (steps_to_best_baseline is filled by summarize)."""
+    """The per-run entry of summary.json (steps_to_best_baseline is filled by summarize). A run
+    with a non-finite step has final losses inf (it diverged, whatever it reached before)."""
     steps, logged = metrics.steps, metrics.logged
     losses = [_number(r.get("loss")) for r in steps]
     grad_norms = [_number(r.get("grad_norm")) for r in steps]
@@ -323,6 +374,14 @@ def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> Run
         gate_change = max(changes) if changes else None
     header = metrics.header
     rise, rise_step = max_loss_rise(steps)
+    nonfinite = (sum(1 for v in losses if v is None or not math.isfinite(v))
+                 + sum(1 for v in grad_norms if v is not None and not math.isfinite(v)))
+    final_train, final_valid = final_train_loss(steps), final_valid_loss(metrics.evals)
+    if nonfinite:  # diverged: whatever it reached before does not count
+        final_train = math.inf if final_train is None or math.isfinite(final_train) \
+            else final_train
+        final_valid = None if final_valid is None else math.inf
+    initial = next((v for v in losses if v is not None and math.isfinite(v)), None)
     return {
         "method": method,
         "lr": lr,
@@ -330,13 +389,15 @@ def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> Run
         "wesar": run_setting(header, "wesar.enabled", method == "wesar"),
         "steps": len(steps),
         "train_iters": run_setting(header, "training.train_iters", None),
-        "final_train_loss": final_train_loss(steps),
-        "final_valid_loss": final_valid_loss(metrics.evals),
+        "final_train_loss": final_train,
+        "final_valid_loss": final_valid,
+        "initial_loss": initial,
+        "diverged": _diverged(final_valid if final_valid is not None else final_train, initial,
+                              nonfinite),
         "valid_curve": [[i, v] for i, v in metrics.evals],
         "skipped_steps": sum(1 for r in steps if r.get(SKIPPED_STEP)),
         "rewinds": metrics.rewinds,
-        "nonfinite_steps": sum(1 for v in losses if v is None or not math.isfinite(v))
-        + sum(1 for v in grad_norms if v is not None and not math.isfinite(v)),
+        "nonfinite_steps": nonfinite,
         "spikes": spike_counts(metrics),
         "spike_steps": spike_steps(metrics),
         "max_grad_norm": max(finite_grad) if finite_grad else None,
@@ -352,6 +413,10 @@ def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> Run
         "gate_count": len(gates),
         "gate_max_rel_change": gate_change,
         "tokens_per_s": mean([_number(r.get(TOKENS_PER_S)) for r in logged]),
+        **proxies(logged),
+        "sigma": run_setting(header, "wesar.sigma", None),
+        "sigma_regime": run_setting(header, "wesar.sigma_regime", None),
+        "alpha0": initial_gates_by_role(metrics.initial_gates),
     }
 
 
@@ -388,8 +453,10 @@ def grid(runs: list[RunSummary]) -> dict[str, dict[float, GridCell]]:
             out[method][lr] = {
                 "final_valid_loss": _seed_mean(valid),
                 "final_train_loss": _seed_mean(train),
+                "valid_std": seed_spread(valid)["std"],
                 "seeds": [r["seed"] for r in group],
                 "valid_by_seed": valid,
+                "diverged_seeds": [r["seed"] for r in group if r["diverged"]],
             }
     return out
 
@@ -481,6 +548,7 @@ def summarize(study_dir: str, config: dict | None = None) -> Summary:
             run["steps_to_best_baseline"] = steps_to_target(evals, target)
     for method, info in methods.items():
         info["baseline"] = method in baseline_methods
+    shared = shared_lr(config, best_baseline)
     return {
         "config": config,
         "runs": runs,
@@ -490,7 +558,68 @@ def summarize(study_dir: str, config: dict | None = None) -> Summary:
         "best_baseline": best_baseline,
         "baseline_methods": baseline_methods,
         "skipped_runs": skipped,
+        "shared_lr": shared,
+        "protocols": protocols(runs, methods, baseline_methods, shared),
+        "stability": stability(runs, cells),
     }
+
+
+def shared_lr(config: dict, best_baseline: BestBaseline | None) -> dict | None:
+    """The shared nominal LR of the shared-LR protocol: {"lr", "source"}. The study's
+    `shared_lr` when set, else the best baseline's best LR (tune the strongest baseline, run
+    every method at its LR); None without either."""
+    if config.get("shared_lr") is not None:
+        return {"lr": float(config["shared_lr"]), "source": "set by the study"}
+    if best_baseline is None:
+        return None
+    return {"lr": best_baseline["lr"],
+            "source": f"the best LR of the best baseline, {best_baseline['method']}"}
+
+
+def _valid_by_seed(runs: list, method: str, lr: float) -> dict:
+    return {r["seed"]: r["final_valid_loss"] for r in runs
+            if r["method"] == method and r["lr"] == lr and r["final_valid_loss"] is not None}
+
+
+def protocols(runs: list, methods: dict, baseline_methods: list, shared: dict | None) -> dict:
+    """The two comparisons: "best" (each method at its own best LR) and "shared" (every method
+    at the shared LR). Each: {"lrs": {method: lr}, "cells": {method: seed_spread of its final
+    validation losses}, "paired": {method: {baseline: paired_difference(method - baseline)}}}
+    for every non-baseline method against every baseline, over the seeds both ran."""
+    lrs_of = {"best": {m: info["lr"] for m, info in methods.items()}}
+    if shared is not None:
+        lrs_of["shared"] = {m: shared["lr"] for m in methods
+                            if any(r["method"] == m and r["lr"] == shared["lr"] for r in runs)}
+    out = {}
+    for name, lrs in lrs_of.items():
+        by_seed = {m: _valid_by_seed(runs, m, lr) for m, lr in lrs.items()}
+        out[name] = {
+            "lrs": lrs,
+            "cells": {m: seed_spread(list(values.values())) for m, values in by_seed.items()},
+            "paired": {m: {b: paired_difference(by_seed[m], by_seed[b])
+                           for b in baseline_methods if b in by_seed}
+                       for m in by_seed if m not in baseline_methods},
+        }
+    return out
+
+
+def stability(runs: list, cells: dict) -> dict:
+    """Per method: the LR sensitivity of Wortsman et al. 2023 over its LRs (seed-mean final
+    validation loss; L0 = the mean loss of the runs' first steps), the LRs at which a seed
+    diverged, and the highest LR of the grid below every such LR (the highest stable LR)."""
+    out = {}
+    for method, by_lr in cells.items():
+        initial = mean([r["initial_loss"] for r in runs if r["method"] == method])
+        diverged = [lr for lr, cell in by_lr.items() if cell["diverged_seeds"]]
+        stable = [lr for lr in by_lr if not diverged or lr < min(diverged)]
+        out[method] = {
+            "initial_loss": initial,
+            "lr_sensitivity": lr_sensitivity(
+                {lr: cell["final_valid_loss"] for lr, cell in by_lr.items()}, initial),
+            "diverged_lrs": sorted(diverged),
+            "highest_stable_lr": max(stable) if stable else None,
+        }
+    return out
 
 
 def read_json(path: str):
@@ -541,7 +670,9 @@ def load_summary(study_dir: str) -> Summary | None:
 
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-_FLOAT_FIELDS = {"final_train_loss", "final_valid_loss", "max_grad_norm", "mean_grad_norm"}
+_FLOAT_FIELDS = {"final_train_loss", "final_valid_loss", "max_grad_norm", "mean_grad_norm",
+                 "attn_logit_max_final", "attn_logit_max_peak", "output_log_z_final",
+                 "output_log_z_absmax_peak", "mean", "std", "diffs"}
 
 
 def _restore(obj, key=None):

@@ -1,5 +1,6 @@
-"""The report's Markdown tables: best LR per method, the LR x method grid, spike counts per rule
-and update ratios per role."""
+"""The report's Markdown tables: best LR per method, the LR x method grid, spike counts per rule,
+update ratios per role, the initial gates per role, the two comparison protocols and their paired
+differences, LR sensitivity and the instability proxies."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ from ..metric_keys import SPIKE_RULES, SPIKE_SERIES
 from .format import format_lr, format_number, format_ratio, markdown_table
 from .schema import Summary
 from .selection import best_runs, methods_in_order, role_stats, runs_at
-from .summary import REFERENCE_ROLE, RELATIVE_ROLES
+from .summary import REFERENCE_ROLE, RELATIVE_ROLES, mean
 
 
 def table_best(summary: Summary) -> str:
@@ -117,4 +118,136 @@ def table_update_ratios(summary: Summary) -> str:
     return markdown_table(header, rows)
 
 
-# --------------------------------------------------------------------------- findings
+
+def format_spread(spread: dict | None, digits: int = 3) -> str:
+    """A seed_spread as "mean ± std (n seeds)", "mean (1 seed)", with diverged seeds named."""
+    if not spread or spread.get("mean") is None:
+        text = "n/a"
+    elif spread.get("std") is None:
+        text = f"{spread['mean']:.{digits}f} (1 seed)"
+    else:
+        text = f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f} ({spread['n']} seeds)"
+    if spread and spread.get("diverged"):
+        text += f", {spread['diverged']} diverged"
+    return text
+
+
+VERDICTS = {"a lower": "{a} lower", "b lower": "{b} lower", "within noise": "within seed noise",
+            "one seed": "one seed: no noise estimate", "no common seed": "no common seed"}
+
+
+def format_paired(diff: dict, a: str, b: str) -> str:
+    """A paired_difference as "mean ± 95% half width (n seeds): verdict"."""
+    verdict = VERDICTS[diff["verdict"]].format(a=a, b=b)
+    if diff["mean"] is None:
+        return verdict
+    if diff["half_width"] is None:
+        return f"{diff['mean']:+.3f} ({diff['n']} seed): {verdict}"
+    return f"{diff['mean']:+.3f} ± {diff['half_width']:.3f} ({diff['n']} seeds): {verdict}"
+
+
+def table_alpha0(summary: Summary) -> str:
+    """Per gated method: the sigma regime, sigma, and alpha_0 (the initial gate value, mean over
+    the role's matrices) per role, from the runs' metrics headers."""
+    gated = {}
+    for r in summary["runs"]:
+        if r.get("alpha0") and r["method"] not in gated:
+            gated[r["method"]] = r
+    if not gated:
+        return ""
+    roles = [role for role in (*ROLES, "other") if any(role in r["alpha0"]
+                                                       for r in gated.values())]
+    rows = [[m, r.get("sigma_regime") or "none (explicit sigma)",
+             f"{r['sigma']:.4g}" if r.get("sigma") is not None else "n/a"]
+            + [f"{r['alpha0'][role]:.3g}" if role in r["alpha0"] else "" for role in roles]
+            for m, r in gated.items()]
+    return markdown_table(["method", "sigma regime", "sigma"] + roles, rows)
+
+
+def table_protocols(summary: Summary) -> str:
+    """Per method, side by side: its best LR and final validation loss there, and its final
+    validation loss at the shared LR (seed mean ± std)."""
+    protocols = summary.get("protocols") or {}
+    best, shared = protocols.get("best"), protocols.get("shared")
+    shared_lr = (summary.get("shared_lr") or {}).get("lr")
+    header = ["method", "best LR", "valid at its best LR"]
+    if shared:
+        header.append(f"valid at the shared LR {format_lr(shared_lr)}")
+    rows = []
+    for m in methods_in_order(summary):
+        row = [m, format_lr(best["lrs"][m]), format_spread(best["cells"].get(m))]
+        if shared:
+            row.append(format_spread(shared["cells"].get(m)) if m in shared["cells"] else
+                       "not run")
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def table_paired(summary: Summary) -> str:
+    """Every non-baseline method minus every baseline, per protocol: the mean paired difference
+    of the final validation loss over the seeds both ran, its 95% interval and the verdict."""
+    protocols = summary.get("protocols") or {}
+    names = [p for p in ("best", "shared") if p in protocols]
+    titles = {"best": "each at its best LR",
+              "shared": f"all at the shared LR "
+                        f"{format_lr((summary.get('shared_lr') or {}).get('lr', 0))}"}
+    pairs = [(m, b) for m, by_b in protocols["best"]["paired"].items() for b in by_b] \
+        if names else []
+    rows = []
+    for m, b in pairs:
+        row = [f"{m} - {b}"]
+        for name in names:
+            diff = protocols[name]["paired"].get(m, {}).get(b)
+            row.append(format_paired(diff, m, b) if diff else "not run")
+        rows.append(row)
+    return markdown_table(["paired difference (same seeds)"] + [titles[n] for n in names], rows) \
+        if rows else ""
+
+
+def table_stability(summary: Summary) -> str:
+    """Per method over its LRs: the loss at initialisation L0, Wortsman et al.'s LR
+    sensitivity, the LRs at which a seed diverged and the highest stable LR."""
+    stability = summary.get("stability") or {}
+    rows = []
+    for m in methods_in_order(summary):
+        info = stability.get(m)
+        if not info:
+            continue
+        rows.append([m, format_number(info["initial_loss"]), format_number(info["lr_sensitivity"]),
+                     ", ".join(format_lr(lr) for lr in info["diverged_lrs"]) or "none",
+                     format_lr(info["highest_stable_lr"]) if info["highest_stable_lr"] else
+                     "none"])
+    return markdown_table(["method", "L0 (first step's loss)", "LR sensitivity",
+                           "LRs where a seed diverged", "highest stable LR"], rows)
+
+
+def proxy_rows(summary: Summary) -> list:
+    """(method, lr, which) of the proxy table: each method at its best LR and at its highest
+    stable LR (one row when they coincide)."""
+    stability = summary.get("stability") or {}
+    out = []
+    for m in methods_in_order(summary):
+        best = summary["methods"][m]["lr"]
+        stable = (stability.get(m) or {}).get("highest_stable_lr")
+        out.append((m, best, "best LR" + (" and highest stable LR" if stable == best else "")))
+        if stable is not None and stable != best:
+            out.append((m, stable, "highest stable LR"))
+    return out
+
+
+def table_proxies(summary: Summary) -> str:
+    """The instability proxies (seed means) at each method's best LR and highest stable LR: the
+    largest attention logit (last logged, peak) and log Z (mean at the last logged step, peak
+    of |log Z|)."""
+    keys = ("attn_logit_max_final", "attn_logit_max_peak", "output_log_z_final",
+            "output_log_z_absmax_peak")
+    rows = []
+    for m, lr, which in proxy_rows(summary):
+        runs = runs_at(summary, m, lr)
+        values = [mean([r.get(k) for r in runs]) for k in keys]
+        if all(v is None for v in values):
+            continue
+        rows.append([m, format_lr(lr), which] + [format_number(v, 2) for v in values])
+    return markdown_table(["method", "LR", "which", "max attention logit (last)",
+                           "max attention logit (peak)", "mean log Z (last)",
+                           "max abs log Z (peak)"], rows) if rows else ""

@@ -32,8 +32,9 @@ def study_dir(tmp_path):
     return str(dst)
 
 
-def _run(summary, method, lr):
-    (run,) = [r for r in summary["runs"] if r["method"] == method and r["lr"] == lr]
+def _run(summary, method, lr, seed=1):
+    (run,) = [r for r in summary["runs"]
+              if r["method"] == method and r["lr"] == lr and r["seed"] == seed]
     return run
 
 
@@ -49,8 +50,8 @@ def test_run_names_round_trip():
 
 def test_summary_of_the_fixture(study_dir):
     summary = summarize(study_dir)
-    assert len(summary["runs"]) == 9
-    assert [r["method"] for r in summary["runs"][::3]] == ["he", "small", "wesar"]
+    assert len(summary["runs"]) == 19  # seed 1 on the grid, seeds 2, 3 at best and shared LRs
+    assert [r["method"] for r in summary["runs"]] == ["he"] * 7 + ["small"] * 5 + ["wesar"] * 7
     valid = {"he": (2.10, 1.90, 2.30), "small": (2.20, 1.95, 1.85), "wesar": (1.70, 2.40, 2.90)}
     for method, values in valid.items():
         for lr, v in zip((1e-3, 3e-3, 1e-2), values):
@@ -65,7 +66,7 @@ def test_summary_of_the_fixture(study_dir):
     assert {m: methods[m]["lr"] for m in methods} == {"he": 3e-3, "small": 1e-2, "wesar": 1e-3}
     assert {m: methods[m]["edge"] for m in methods} == {"he": None, "small": "high",
                                                         "wesar": "low"}
-    assert methods["wesar"]["final_valid_loss"] == pytest.approx(1.70)
+    assert methods["wesar"]["final_valid_loss"] == pytest.approx((1.70 + 1.72 + 1.67) / 3)
     assert summary["baseline_methods"] == ["he", "small"]
     assert summary["best_baseline"]["method"] == "small"
     assert summary["best_baseline"]["lr"] == 1e-2
@@ -103,6 +104,51 @@ def test_summary_of_the_fixture(study_dir):
     assert wesar["gate_max_rel_change"] == pytest.approx(0.006, rel=1e-3)
     assert he["gate_max_rel_change"] is None
     assert summary["grid"]["small"]["1e-2"]["final_valid_loss"] == pytest.approx(1.85)
+    assert summary["grid"]["small"]["1e-2"]["valid_std"] == pytest.approx(0.02)
+    assert summary["grid"]["small"]["3e-3"]["valid_std"] is None  # one seed
+
+
+def test_protocols_stability_and_proxies_of_the_fixture(study_dir):
+    summary = summarize(study_dir)
+    # the shared LR: the best baseline's (small) best LR
+    assert summary["shared_lr"] == {"lr": 1e-2,
+                                    "source": "the best LR of the best baseline, small"}
+    best, shared = summary["protocols"]["best"], summary["protocols"]["shared"]
+    assert best["lrs"] == {"he": 3e-3, "small": 1e-2, "wesar": 1e-3}
+    assert shared["lrs"] == {"he": 1e-2, "small": 1e-2, "wesar": 1e-2}
+    assert best["cells"]["he"]["mean"] == pytest.approx(1.90)
+    assert best["cells"]["he"]["std"] == pytest.approx(0.02)
+    # wesar - he at best LRs, seeds 1, 2, 3: (1.70 - 1.90, 1.72 - 1.92, 1.67 - 1.88)
+    diff = best["paired"]["wesar"]["he"]
+    assert diff["seeds"] == [1, 2, 3]
+    assert diff["diffs"] == pytest.approx([-0.20, -0.20, -0.21])
+    sd = math.sqrt(((0.2 - 0.61 / 3) ** 2 * 2 + (0.21 - 0.61 / 3) ** 2) / 2)
+    assert diff["std"] == pytest.approx(sd)
+    assert diff["half_width"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert diff["verdict"] == "a lower"
+    assert shared["paired"]["wesar"]["small"]["mean"] == pytest.approx(2.90 - 1.85)
+    assert shared["paired"]["wesar"]["small"]["verdict"] == "b lower"
+    assert set(best["paired"]) == {"wesar"}  # only the non-baseline method is compared
+    # Wortsman et al.'s LR sensitivity: mean over LRs of min(L, L0) - min L (no cap reached)
+    stability = summary["stability"]
+    assert stability["he"]["lr_sensitivity"] == pytest.approx((0.20 + 0.0 + 0.40) / 3)
+    assert stability["wesar"]["lr_sensitivity"] == pytest.approx(
+        (0.0 + 2.40 + 2.90 - 2 * (1.70 + 1.72 + 1.67) / 3) / 3)
+    assert stability["he"]["diverged_lrs"] == [] and stability["he"]["highest_stable_lr"] == 1e-2
+    # L0: the first step's loss, 5 - (5 - (V + 0.05) - 0.1) / 36
+    assert _run(summary, "he", 1e-3)["initial_loss"] == pytest.approx(
+        5 - (5 - 2.15 - 0.1) / 36, rel=1e-5)
+    # the proxies: attn = ATTN (1 + 100 lr k / 40), last logged at k = 40
+    he = _run(summary, "he", 1e-2)
+    assert he["attn_logit_max_final"] == pytest.approx(4.0 * 2)
+    assert he["attn_logit_max_peak"] == pytest.approx(4.0 * 2)
+    assert he["output_log_z_final"] == pytest.approx(2 - 0.4)
+    assert he["output_log_z_absmax_peak"] == pytest.approx(3 + 0.4)
+    # the initial gates per role and the regime from the header
+    wesar = _run(summary, "wesar", 1e-3)
+    assert wesar["sigma_regime"] == "130m" and wesar["sigma"] == 0.0254
+    assert wesar["alpha0"]["fc2"] == pytest.approx(0.8) and wesar["alpha0"]["fc1"] == 14.0
+    assert he["alpha0"] == {}
 
 
 def test_summary_json_is_strict_json(study_dir):
@@ -154,20 +200,31 @@ def test_report_renders_from_the_fixture(study_dir, capsys):
                     "## Update ratios at each method's best LR"):
         assert heading in report
     # the tables' rows (every method in each) and the numbers behind them
-    assert "| wesar | 1e-3 | 1.750 | 1.700 | best | 30 | lowest LR of the grid |" in report
+    assert "| wesar | 1e-3 | 1.747 | 1.697 | best | 30, 30, 30 | lowest LR of the grid |" in report
     assert "| small | 2.200 | 1.950 | **1.850** |" in report
     # he at 1e-2: the +1.0 loss jump at step 25 over the running minimum (3.30): 4.229 / 3.30
-    he_row = "| he | 3 | 0 | 0 | 1 | 0 | 0 | 0 | 0 | 1.02x | 1.28x (LR 1e-2, step 25) | 7.50 |"
+    he_row = "| he | 7 | 0 | 0 | 1 | 0 | 0 | 0 | 0 | 1.02x | 1.28x (LR 1e-2, step 25) | 7.50 |"
     assert he_row in report
     for method, rel in (("he", "2.40x | 3.00x"), ("small", "2.00x | 2.50x"),
                         ("wesar", "1.05x | 0.98x")):
         assert any(line.startswith(f"| {method} |") and rel in line
                    for line in report.splitlines())
     assert "wesar reaches the lowest final validation loss" in report
-    assert ("loss/relmin flagged 1 of 360 steps (0.3%) in 1 of 9 runs: he at LR 1e-2 seed 1 "
+    assert ("loss/relmin flagged 1 of 760 steps (0.1%) in 1 of 19 runs: he at LR 1e-2 seed 1 "
             "(steps 25)") in report and "No training loss spikes" not in report
+    # the regime and alpha_0, both protocols side by side, paired differences, stability, proxies
+    assert "| wesar | 130m | 0.0254 |" in report
+    assert "its gates start below 1 for fc2 0.80" in report
+    assert "| he | 3e-3 | 1.900 ± 0.020 (3 seeds) | 2.300 ± 0.020 (3 seeds) |" in report
+    assert "| wesar - small | -0.153 ± 0.014 (3 seeds): wesar lower | +1.050 ± 0.000 (3 seeds): " \
+           "small lower |" in report
+    assert ("the claim that wesar beats every baseline outside seed noise holds at each "
+            "method's own best LR and not at the shared LR 1e-2") in report
+    assert "| he | 4.924 | 0.200 | none | 1e-2 |" in report
+    assert "| he | 1e-2 | highest stable LR | 8.00 | 8.00 | 1.60 | 3.40 |" in report
     assert "Rules megatron, zscore flagged none of its steps" in report
-    for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png"):
+    for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png",
+                 "instability_proxies.png"):
         path = os.path.join(study_dir, name)
         assert f"]({name})" in report
         with open(path, "rb") as f:
@@ -208,8 +265,8 @@ def test_study_presets_are_valid_driver_configs(tmp_path):
         "he", "small", "megatron", "scaled-embed", "embed-ln", "wesar"]
     config = parse_study_args(["--preset", "tiny", "--dir", str(tmp_path),
                                "--methods", ",".join(METHODS), "--", "--swiglu"])
-    assert len(config.plan()) == 6 * 5
-    for method, lr, seed in config.plan():
+    assert len(config.plan()) == 6 * 4 and len(config.grid()) == 6 * 4 * 3  # seeds_at "best"
+    for method, lr, seed in config.grid():
         run = config.run_config(method, lr, seed)
         assert run.training.lr == lr and run.training.seed == seed
         assert run.wesar.enabled is (method == "wesar")
@@ -217,6 +274,7 @@ def test_study_presets_are_valid_driver_configs(tmp_path):
             method if method in ("scaled-embed", "embed-ln") else "none")
         assert run.parallel.tensor_model_parallel_size == 2 and run.model.seq_length == 64
         assert run.model.swiglu  # the flags after `--` reach every run
+        assert run.wesar.sigma_regime == "130m" and run.training.min_lr is None
         # the flags the report shows reproduce the run's configuration
         flags = [*config.pretrain_args(), *to_argv(PretrainConfig, METHODS[method].overrides),
                  "--lr", repr(lr), "--seed", str(seed),
@@ -225,6 +283,50 @@ def test_study_presets_are_valid_driver_configs(tmp_path):
     assert parse_study_args([]).methods == ["he", "small", "megatron", "wesar"]  # the demo's
     with pytest.raises(SystemExit):
         parse_study_args(["--methods", "he,embed-rms"])
+    with pytest.raises(SystemExit):  # the shared LR must be one of the grid's
+        parse_study_args(["--lrs", "1e-3,1e-2", "--shared-lr", "3e-3"])
+    # the instability preset: no clipping, a constant LR after its short warm-up
+    unstable = parse_study_args(["--preset", "instability", "--sigma-regime", "1.3b"])
+    run = unstable.run_config("he", 0.3, 1)
+    assert run.training.clip_grad == 0 and run.training.min_lr == 0.3
+    assert run.training.lr_warmup_iters == 5 and run.wesar.sigma_regime == "1.3b"
+    assert "--sigma-regime 1.3b" in unstable.description
+
+
+def test_seeds_after_the_first_follow_the_best_and_shared_lrs(study_dir):
+    from megatron_wesar.study.runner import parse_study_args
+
+    config = parse_study_args(["--dir", study_dir, "--methods", "he,small,wesar",
+                               "--lrs", "1e-3,3e-3,1e-2", "--seeds", "1,2,3"])
+    assert config.seeds_at == "best"
+    assert config.plan() == [(m, lr, 1) for lr in (1e-3, 3e-3, 1e-2)
+                             for m in ("he", "small", "wesar")]
+    # best LRs of the fixture: he 3e-3, small 1e-2, wesar 1e-3; shared: 1e-2 (small's)
+    followup = config.followup_plan(summarize(study_dir))
+    assert followup == [(m, lr, s) for s in (2, 3) for m, lr in (
+        ("wesar", 1e-3), ("he", 3e-3), ("he", 1e-2), ("small", 1e-2), ("wesar", 1e-2))]
+    grid = parse_study_args(["--dir", study_dir, "--seeds-at", "grid", "--seeds", "1,2"])
+    assert len(grid.plan()) == 2 * 4 * 4 and grid.followup_plan(summarize(study_dir)) == []
+
+
+def test_statistics_by_hand():
+    from megatron_wesar.study.statistics import lr_sensitivity, paired_difference, seed_spread
+
+    assert seed_spread([1.0, 2.0, 3.0, math.inf]) == {"mean": 2.0, "std": 1.0, "n": 3,
+                                                      "diverged": 1}
+    # differences 0.1, 0.3, 0.2: mean 0.2, sd 0.1, half width t(2) 0.1 / sqrt(3)
+    diff = paired_difference({1: 1.1, 2: 1.3, 3: 1.2, 4: 9.0}, {1: 1.0, 2: 1.0, 3: 1.0})
+    assert diff["seeds"] == [1, 2, 3] and diff["mean"] == pytest.approx(0.2)
+    assert diff["half_width"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert diff["verdict"] == "within noise"  # 0.2 < 0.248: the interval holds 0
+    tight = paired_difference({1: 1.0, 2: 1.1, 3: 1.2}, {1: 1.2, 2: 1.29, 3: 1.41})
+    assert tight["mean"] == pytest.approx(-0.2) and tight["verdict"] == "a lower"
+    assert paired_difference({1: 1.0}, {1: 2.0})["verdict"] == "one seed"
+    assert paired_difference({1: 1.0}, {2: 2.0})["verdict"] == "no common seed"
+    # min(L, L0) - min L over the grid; a diverged (inf) or missing cell counts as L0 = 5
+    assert lr_sensitivity({1e-3: 3.0, 1e-2: 2.0, 1e-1: math.inf, 1.0: 7.0}, 5.0) == \
+        pytest.approx((1.0 + 0.0 + 3.0 + 3.0) / 4)
+    assert lr_sensitivity({1e-3: math.inf}, 5.0) is None
 
 
 # --------------------------------------------------------------------------- end to end

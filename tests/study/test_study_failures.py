@@ -47,7 +47,7 @@ def test_report_skips_damaged_metrics_files_naming_them(study_dir, capsys):
     for run in ("he_lr1e-2_s1", "small_lr1e-3_s1"):
         assert f"warning: {_metrics(study_dir, run)}" in err and "run skipped" in err
     summary = json.load(open(os.path.join(study_dir, "summary.json")))
-    assert len(summary["runs"]) == 7
+    assert len(summary["runs"]) == 17
     assert set(summary["skipped_runs"]) == {"runs/he_lr1e-2_s1/metrics.jsonl",
                                             "runs/small_lr1e-3_s1/metrics.jsonl"}
     report = open(os.path.join(study_dir, "report.md")).read()
