@@ -168,6 +168,14 @@ def _stability_sentences(summary: Summary, methods: list) -> list:
                 out.append(f"At the LRs where a baseline diverged ({lrs}), {m} "
                            + (f"did not at {', '.join(map(format_lr, survived))}"
                               if survived else "diverged too") + ".")
+    blowups = {m: stability[m].get("blowup_lrs") for m in methods if m in stability}
+    if any(blowups.values()):
+        out.append("The training loss rose above its first step's value (a blow-up, even where "
+                   "the run recovered) for " + "; ".join(
+                       f"{m} at LR {', '.join(format_lr(lr) for lr in lrs)}"
+                       for m, lrs in blowups.items() if lrs)
+                   + (f"; never for {', '.join(m for m, lrs in blowups.items() if not lrs)}"
+                      if not all(blowups.values()) else "") + ".")
     sens = {m: stability[m]["lr_sensitivity"] for m in methods
             if stability.get(m, {}).get("lr_sensitivity") is not None}
     if len(sens) > 1:

@@ -20,6 +20,7 @@ class RunSummary(TypedDict):
     final_train_loss: float | None
     final_valid_loss: float | None  # inf (both) when a step was not finite
     initial_loss: float | None      # the first step's training loss (L0)
+    peak_loss_over_initial: float | None  # the largest later training loss / L0
     diverged: bool                  # a non-finite step, or final loss not below L0
     valid_curve: list               # [[iteration, valid loss], ...]
     nonfinite_steps: int
@@ -117,6 +118,7 @@ class Stability(TypedDict):
     lr_sensitivity: float | None    # Wortsman et al. 2023
     diverged_lrs: list
     highest_stable_lr: float | None
+    blowup_lrs: list                # LRs where a run's loss rose above its L0 after step 1
 
 
 class Summary(TypedDict):

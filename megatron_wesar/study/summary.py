@@ -382,6 +382,7 @@ def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> Run
             else final_train
         final_valid = None if final_valid is None else math.inf
     initial = next((v for v in losses if v is not None and math.isfinite(v)), None)
+    later = [v for v in losses[1:] if v is not None and math.isfinite(v)]
     return {
         "method": method,
         "lr": lr,
@@ -392,6 +393,7 @@ def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> Run
         "final_train_loss": final_train,
         "final_valid_loss": final_valid,
         "initial_loss": initial,
+        "peak_loss_over_initial": max(later) / initial if later and initial else None,
         "diverged": _diverged(final_valid if final_valid is not None else final_train, initial,
                               nonfinite),
         "valid_curve": [[i, v] for i, v in metrics.evals],
@@ -606,18 +608,23 @@ def protocols(runs: list, methods: dict, baseline_methods: list, shared: dict | 
 def stability(runs: list, cells: dict) -> dict:
     """Per method: the LR sensitivity of Wortsman et al. 2023 over its LRs (seed-mean final
     validation loss; L0 = the mean loss of the runs' first steps), the LRs at which a seed
-    diverged, and the highest LR of the grid below every such LR (the highest stable LR)."""
+    diverged, the highest LR of the grid below every such LR (the highest stable LR) and the
+    LRs at which a run's training loss rose above its first step's (a blow-up, even when the
+    run recovered)."""
     out = {}
     for method, by_lr in cells.items():
         initial = mean([r["initial_loss"] for r in runs if r["method"] == method])
         diverged = [lr for lr, cell in by_lr.items() if cell["diverged_seeds"]]
         stable = [lr for lr in by_lr if not diverged or lr < min(diverged)]
+        blowups = {r["lr"] for r in runs if r["method"] == method
+                   and (r["peak_loss_over_initial"] or 0) > 1}
         out[method] = {
             "initial_loss": initial,
             "lr_sensitivity": lr_sensitivity(
                 {lr: cell["final_valid_loss"] for lr, cell in by_lr.items()}, initial),
             "diverged_lrs": sorted(diverged),
             "highest_stable_lr": max(stable) if stable else None,
+            "blowup_lrs": sorted(blowups),
         }
     return out
 

@@ -206,7 +206,8 @@ def table_paired(summary: Summary) -> str:
 
 def table_stability(summary: Summary) -> str:
     """Per method over its LRs: the loss at initialisation L0, Wortsman et al.'s LR
-    sensitivity, the LRs at which a seed diverged and the highest stable LR."""
+    sensitivity, the LRs at which a seed diverged, the highest stable LR, the LRs at which the
+    loss rose above L0 after the first step and the largest such ratio."""
     stability = summary.get("stability") or {}
     rows = []
     for m in methods_in_order(summary):
@@ -216,9 +217,14 @@ def table_stability(summary: Summary) -> str:
         rows.append([m, format_number(info["initial_loss"]), format_number(info["lr_sensitivity"]),
                      ", ".join(format_lr(lr) for lr in info["diverged_lrs"]) or "none",
                      format_lr(info["highest_stable_lr"]) if info["highest_stable_lr"] else
-                     "none"])
+                     "none",
+                     ", ".join(format_lr(lr) for lr in info.get("blowup_lrs", [])) or "none",
+                     format_ratio(max(peaks)) if (peaks := [
+                         r["peak_loss_over_initial"] for r in summary["runs"] if r["method"] == m
+                         and r.get("peak_loss_over_initial") is not None]) else "n/a"])
     return markdown_table(["method", "L0 (first step's loss)", "LR sensitivity",
-                           "LRs where a seed diverged", "highest stable LR"], rows)
+                           "LRs where a seed diverged", "highest stable LR",
+                           "LRs where the loss rose above L0", "max loss / L0 (any LR)"], rows)
 
 
 def proxy_rows(summary: Summary) -> list:

@@ -186,6 +186,15 @@ def test_metrics_edge_cases(tmp_path):
     assert run["final_valid_loss"] is None and run["update_ratio_spread"] is None
     assert run["nonfinite_steps"] == 2 and math.isnan(run["final_train_loss"])
     assert run["max_grad_norm"] == 1.0
+    # the loss rose to 10x its first value at step 120; the run diverged at step 131
+    assert run["peak_loss_over_initial"] == 10.0 and run["diverged"]
+    assert run["attn_logit_max_peak"] is None and run["alpha0"] == {}
+    from megatron_wesar.study.summary import stability
+
+    cells = {1e-3: {"final_valid_loss": math.inf, "diverged_seeds": [1]}}
+    assert stability([run], {"he": cells})["he"] == {
+        "initial_loss": 3.0, "lr_sensitivity": None, "diverged_lrs": [1e-3],
+        "highest_stable_lr": None, "blowup_lrs": [1e-3]}
 
 
 def test_report_renders_from_the_fixture(study_dir, capsys):
@@ -220,7 +229,7 @@ def test_report_renders_from_the_fixture(study_dir, capsys):
            "small lower |" in report
     assert ("the claim that wesar beats every baseline outside seed noise holds at each "
             "method's own best LR and not at the shared LR 1e-2") in report
-    assert "| he | 4.924 | 0.200 | none | 1e-2 |" in report
+    assert "| he | 4.924 | 0.200 | none | 1e-2 | none | 0.99x |" in report
     assert "| he | 1e-2 | highest stable LR | 8.00 | 8.00 | 1.60 | 3.40 |" in report
     assert "Rules megatron, zscore flagged none of its steps" in report
     for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png",
