@@ -1,0 +1,181 @@
+"""The export scenario, run once on 2 gloo ranks (tests/helpers/distributed.py): two tiny
+models trained at TP=2 through the driver (GPT-2 style: LayerNorm + GeLU + learned positions,
+tied; Llama style: RMSNorm + SwiGLU + RoPE, untied), their gated logits at TP=2, their exports
+(Megatron and Hugging Face, at TP=1 with DP=2), the Megatron exports' logits at TP=1 and TP=2,
+the import round trip and the refusals. Rank 0 returns everything the tests compare."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+
+import torch
+
+from tests.training.test_checkpointing import TINY, _pretrain
+
+MODELS = {
+    "gpt2": [],
+    "llama": ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+              "--untie-embeddings-and-output-weights"],
+}
+TRAIN = ["--train-iters", "2", "--lr", "1e-2"]
+
+
+def tokens() -> torch.Tensor:
+    """The batch every model is compared on (2 x 32 byte tokens)."""
+    return torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(7))
+
+
+@contextlib.contextmanager
+def model_parallel(tp: int):
+    """megatron's groups with tensor-parallel size `tp` (the rest data-parallel)."""
+    from megatron.core import parallel_state
+
+    from megatron_wesar.training.engine import initialize_parallel
+
+    initialize_parallel(tp, 1, seed=1)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def logits(model, batch: torch.Tensor) -> torch.Tensor:
+    """The whole-vocabulary logits (float64) of `model` on `batch`."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    positions = torch.arange(batch.shape[1]).expand_as(batch)
+    with torch.no_grad():
+        out = model(batch, positions, None)
+    return gather_from_tensor_model_parallel_region(out).double()
+
+
+def cli(command, argv) -> tuple:
+    """(exit status, stderr) of `megatron-wesar <command> argv` run on these ranks."""
+    from megatron_wesar.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([command, *argv])
+    return code, err.getvalue()
+
+
+def run(rank, world_size, root):
+    """The whole scenario (see the module docstring)."""
+    import time
+    t0 = time.perf_counter()
+    def tick(what):
+        if rank == 0:
+            print(f"TIMING {what} {time.perf_counter() - t0:.1f}", flush=True)
+    from megatron_wesar.export.hf import export_hf
+    from megatron_wesar.export.megatron_format import (
+        build_plain_model,
+        export_megatron,
+        load_plain_checkpoint,
+    )
+    from megatron_wesar.export.source import load_gated_model, open_checkpoint
+
+    out = {name: {} for name in MODELS}
+    batch = tokens()
+    for name, extra in MODELS.items():
+        _pretrain([*TINY, *TRAIN, *extra, "--tensor-model-parallel-size", "2",
+                   "--save", f"{root}/{name}/ckpt"])
+    tick("trained")
+    with model_parallel(2):
+        for name in MODELS:
+            model = load_gated_model(open_checkpoint(f"{root}/{name}/ckpt"))
+            out[name]["gated"] = logits(model, batch)
+    tick("gated logits")
+    with model_parallel(1):
+        for name in MODELS:
+            checkpoint = open_checkpoint(f"{root}/{name}/ckpt")
+            model = load_gated_model(checkpoint)
+            export_megatron(model, checkpoint, f"{root}/{name}/megatron")
+            export_hf(model, checkpoint, f"{root}/{name}/hf")
+            out[name]["gates"] = {n: p.item() for n, p in model.named_parameters()
+                                  if getattr(p, "wesar_gate", False)}
+            gate = model.decoder.layers[1].self_attention.linear_qkv.gate_k
+            with torch.no_grad():
+                gate.mul_(1.01)  # one gate off by 1%: the parity must break
+            export_hf(model, checkpoint, f"{root}/{name}/hf_perturbed")
+        out["plain_tp1"] = _plain_logits(root, batch, build_plain_model, load_plain_checkpoint)
+    tick("exported")
+    with model_parallel(2):
+        out["plain_tp2"] = _plain_logits(root, batch, build_plain_model, load_plain_checkpoint)
+    tick("plain")
+    out["round_trip"] = _round_trip(root, batch)
+    tick("round trip")
+    out["refusals"] = _refusals(root)
+    tick("refusals")
+    return out if rank == 0 else None
+
+
+def _plain_logits(root, batch, build_plain_model, load_plain_checkpoint) -> dict:
+    """{model: logits of its Megatron export in megatron-core's ungated GPTModel}."""
+    from megatron_wesar.export.source import open_checkpoint
+
+    result = {}
+    for name in MODELS:
+        checkpoint = open_checkpoint(f"{root}/{name}/ckpt")
+        with open(f"{root}/{name}/megatron/wesar_export.json") as f:
+            tied = json.load(f)["tied_embeddings"]
+        plain = build_plain_model(checkpoint.config, checkpoint.model["vocab_size"], tied)
+        load_plain_checkpoint(plain, f"{root}/{name}/megatron")
+        plain.eval()
+        result[name] = logits(plain, batch)
+    return result
+
+
+def _round_trip(root, batch) -> dict:
+    """hf -> import -> export -> hf through the command line, for both models (gate 1), and
+    the rescaled import of the Llama one (W_bar stds, logits) and a resumed step from it."""
+    from megatron_wesar.export.source import load_gated_model, open_checkpoint
+
+    result = {}
+    for name in MODELS:
+        result[name] = [
+            cli("import", ["--from", "hf", f"{root}/{name}/hf", *TINY, *TRAIN,
+                           "--save", f"{root}/{name}/imported"]),
+            cli("export", ["--load", f"{root}/{name}/imported", "--to", "hf",
+                           f"{root}/{name}/hf_again"]),
+        ]
+    result["rescaled"] = cli("import", ["--from", "hf", f"{root}/llama/hf", "--rescale-to-sigma",
+                                        *TINY, *TRAIN, *MODELS["llama"],
+                                        "--save", f"{root}/llama/rescaled"])
+    with model_parallel(1):
+        from megatron_wesar.monitor import gated_matrices
+
+        model = load_gated_model(open_checkpoint(f"{root}/llama/rescaled"))
+        result["rescaled_stds"] = {m.name: float(m.part(m.weight).double().std())
+                                   for m in gated_matrices(model)}
+        result["rescaled_sigma"] = model.wesar.sigma
+        result["rescaled_logits"] = logits(model, batch)
+    losses, _ = _pretrain([*TINY, *TRAIN, *MODELS["llama"],
+                           "--load", f"{root}/llama/rescaled", "--save", f"{root}/llama/resumed"])
+    result["resumed_losses"] = losses
+    return result
+
+
+def _refusals(root) -> dict:
+    """(exit status, stderr) of the commands given bad input."""
+    os.makedirs(f"{root}/empty", exist_ok=True)
+    baseline = f"{root}/baseline_ckpt"
+    if torch.distributed.get_rank() == 0:
+        shutil.copytree(f"{root}/gpt2/ckpt", baseline)
+        iteration = open(f"{baseline}/latest_checkpointed_iteration.txt").read().strip()
+        meta_path = f"{baseline}/iter_{int(iteration):07d}/wesar_checkpoint.json"
+        with open(meta_path) as f:
+            meta = json.load(f)
+        meta["model"]["wesar"] = False
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+    torch.distributed.barrier()
+    return {
+        "no_tracker": cli("export", ["--load", f"{root}/empty", "--to", "hf", f"{root}/x"]),
+        "baseline": cli("export", ["--load", baseline, "--to", "megatron", f"{root}/y"]),
+        "exists": cli("export", ["--load", f"{root}/gpt2/ckpt", "--to", "hf",
+                                 f"{root}/gpt2/hf"]),
+        "left": sorted(os.listdir(root)),
+    }
