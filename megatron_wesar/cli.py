@@ -1,6 +1,7 @@
 """The `megatron-wesar` command: `pretrain` (the driver), `preprocess` (indexed datasets),
-`study` (methods x learning rates x seeds, then a report), `report` (re-render a study's report)
-and `demo` (README's main job: the study's tiny preset)."""
+`study` (methods x learning rates x seeds, then a report), `report` (re-render a study's report),
+`demo` (README's main job: the study's tiny preset), `export` (fold the gates: a plain Megatron
+checkpoint or a Hugging Face directory) and `import` (a WeSaR run from a Hugging Face model)."""
 from __future__ import annotations
 
 import sys
@@ -31,7 +32,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_megatron_notices()
     commands = {"pretrain": _pretrain, "preprocess": _preprocess, "study": _study,
-                "report": _report, "demo": lambda rest: run_demo()}
+                "report": _report, "demo": lambda rest: run_demo(), "export": _export,
+                "import": _import}
     if not argv or argv[0] not in commands:
         print(f"usage: megatron-wesar {{{','.join(commands)}}} [args]", file=sys.stderr)
         return 2
@@ -60,3 +62,15 @@ def _report(rest) -> int:
     from .study.report import main as report_main
 
     return report_main(rest)
+
+
+def _export(rest) -> int:
+    from .export.commands import export_main
+
+    return export_main(rest)
+
+
+def _import(rest) -> int:
+    from .export.commands import import_main
+
+    return import_main(rest)
