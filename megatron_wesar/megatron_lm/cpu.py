@@ -11,8 +11,9 @@ False; with CUDA it changes nothing. Megatron-LM functions are wrapped, never co
   count (`CUDA_DEVICE_MAX_CONNECTIONS=1` under TP, meaningless without a device).
 - `initialize.validate_args` (as initialize_megatron calls it): then sets the arguments of
   CPU_ARGUMENTS that need CUDA to their CPU values, saying which it changed in one line:
-  `--distributed-backend gloo` (Megatron-LM's default is nccl) and no gradient-accumulation
-  fusion (apex's CUDA extension).
+  `--distributed-backend gloo` (Megatron-LM's default is nccl), no gradient-accumulation
+  fusion and no persistent LayerNorm (apex CUDA kernels; megatron-core's torch LayerNorm,
+  used without apex, refuses the latter).
 - `initialize._initialize_distributed`: runs with `torch.cuda.device_count` reporting 1 and
   `torch.cuda.set_device` a no-op, because with no device it skips `initialize_model_parallel`
   altogether.
@@ -23,7 +24,8 @@ False; with CUDA it changes nothing. Megatron-LM functions are wrapped, never co
   compat.cpu).
 - `training.get_model`: with `torch.cuda.Stream`, `current_stream` and `stream` as the
   `torch.cpu` ones (the DDP wrapping runs on a side stream).
-- `training.pretrain`: runs under compat.cpu's CUDA-as-CPU torch function mode: its
+- `training.pretrain` (and megatron.training's re-export of it, which pretrain_gpt.py imports):
+  runs under compat.cpu's CUDA-as-CPU torch function mode: its
   `torch.tensor(..., device='cuda')` (start-time all-reduce, loss dicts, exit flags, data
   flags) and `model.cuda()` stay on CPU.
 
@@ -91,6 +93,7 @@ def _allow_no_cuda(fn):
 CPU_ARGUMENTS = {
     "distributed_backend": "gloo",
     "gradient_accumulation_fusion": False,  # apex's fused_weight_gradient_mlp_cuda
+    "no_persist_layer_norm": True,  # apex's persistent LayerNorm kernel
 }
 
 
@@ -111,6 +114,7 @@ def _cpu_arguments(validate_args):
 
 def _patches():
     """The table: (owner, attribute, replacement)."""
+    import megatron.training as package
     from megatron.legacy import fused_kernels
     from megatron.training import arguments, initialize, training
 
@@ -118,6 +122,7 @@ def _patches():
     cpu_streams = {"Stream": torch.cpu.Stream, "current_stream": torch.cpu.current_stream,
                    "stream": torch.cpu.stream}
     init = _allow_no_cuda(initialize.initialize_megatron)
+    pretrain = _cuda_as_cpu(training.pretrain)
     return [
         (arguments, "get_device_arch_version", _no_device_arch),
         (initialize, "initialize_megatron", init),
@@ -129,7 +134,8 @@ def _patches():
         (initialize, "_set_random_seed",
          _with_cuda_attributes(initialize._set_random_seed, device_count=_one_device)),
         (training, "get_model", _with_cuda_attributes(training.get_model, **cpu_streams)),
-        (training, "pretrain", _cuda_as_cpu(training.pretrain)),
+        (training, "pretrain", pretrain),
+        (package, "pretrain", pretrain),
     ]
 
 

@@ -53,7 +53,9 @@ def wesar_gpt_builder(args, pre_process, post_process, vp_stage=None, config=Non
                       pg_collection=None):
     """Build this stage's WeSaR GPT model from Megatron-LM's `args` (Megatron-LM's gpt_builder
     signature; `config`, a TransformerConfig, is read from `args` when None, which needs
-    megatron.training). Raises ValueError for what `check_supported` refuses."""
+    megatron.training). With --use-cpu-initialization each module's initial weights depend only
+    on (--seed, module), not on the TP/PP layout. Raises ValueError for what
+    `check_supported` refuses."""
     check_supported(args)
     if config is None:
         config = _transformer_config(args)
@@ -64,6 +66,7 @@ def wesar_gpt_builder(args, pre_process, post_process, vp_stage=None, config=Non
         args.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
+        init_seed=args.seed if config.use_cpu_initialization else None,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
         fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,

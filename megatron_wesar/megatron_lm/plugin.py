@@ -10,11 +10,6 @@ Megatron-LM (megatron/training/training.py at core_v0.16.1) reads two module-lev
   `setup_model_and_optimizer` builds the optimizer's param groups from its overrides. The
   plug-in adds the gate overrides of megatron_wesar.training.engine.gate_config_overrides (no
   weight decay on the 1-D gates, LR x --wesar-gate-lr-mult through Megatron's scheduler).
-
-And one fix for Megatron-LM on megatron-core's wheel (any machine): `initialize_megatron` runs
-`megatron.core.datasets.utils.compile_helpers()` (`make` in the installed package), but the
-wheel ships the compiled `helpers_cpp` and no Makefile; `compile_helpers_if_missing` skips the
-build when `helpers_cpp` imports.
 """
 from __future__ import annotations
 
@@ -40,23 +35,10 @@ def with_gate_overrides(get_optimizer_config):
     return wesar_optimizer_config
 
 
-def compile_helpers_if_missing(compile_helpers):
-    """Wrap megatron-core's `compile_helpers`: build only when `helpers_cpp` does not import."""
-
-    @functools.wraps(compile_helpers)
-    def wrapper():
-        try:
-            from megatron.core.datasets import helpers_cpp  # noqa: F401
-        except ImportError:
-            compile_helpers()
-
-    return wrapper
-
-
 def install_plugin(training_module) -> None:
     """Rebind `finalize_model_grads` and `get_megatron_optimizer_config` in Megatron-LM's
-    `megatron.training.training` (module passed in), and megatron-core's `compile_helpers`.
-    Idempotent. Raises RuntimeError naming the name a Megatron-LM version lacks."""
+    `megatron.training.training` (module passed in). Idempotent. Raises RuntimeError naming
+    what a Megatron-LM version lacks."""
     missing = [name for name in PATCHED_NAMES if not hasattr(training_module, name)]
     if missing:
         raise RuntimeError(
@@ -67,6 +49,3 @@ def install_plugin(training_module) -> None:
         training_module.finalize_model_grads = finalize_model_grads
         training_module.get_megatron_optimizer_config = with_gate_overrides(
             training_module.get_megatron_optimizer_config)
-        from megatron.core.datasets import utils
-
-        utils.compile_helpers = compile_helpers_if_missing(utils.compile_helpers)
