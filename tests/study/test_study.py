@@ -352,8 +352,8 @@ def _study(rank, world_size, out_dir):
 
     from megatron_wesar.study.runner import parse_study_args, run_study
 
-    argv = ["--dir", out_dir, "--methods", "he,wesar", "--lrs", "1e-3,1e-2", "--seeds", "1",
-            "--train-iters", "6", "--", *E2E_ARGS]
+    argv = ["--dir", out_dir, "--methods", "he,wesar", "--lrs", "1e-3,1e-2", "--seeds", "1,2",
+            "--seeds-at", "best", "--train-iters", "6", "--", *E2E_ARGS]
     lines = []
     run_study(parse_study_args(argv), log=lines.append)
     mtimes = {p: os.path.getmtime(p) for p in _metrics_files(out_dir)}
@@ -390,11 +390,17 @@ def test_small_study_end_to_end(tmp_path):
     out_dir = str(tmp_path / "study")
     lines, again = run_distributed(_study, 1, out_dir, timeout=300)[0]
     progress = [line for line in lines if line.startswith("[")]
-    assert len(progress) == 4 and progress[-1].startswith("[##########] 4/4")
-    assert all("(kept" in line for line in again if line.startswith("["))
     summary = json.load(open(os.path.join(out_dir, "summary.json")))
-    assert sorted((r["method"], r["lr"]) for r in summary["runs"]) == [
+    # seed 2 at each method's best LR of seed 1 and at the shared LR (he's best)
+    best = {m: summary["methods"][m]["lr"] for m in ("he", "wesar")}
+    seed2 = sorted({("he", best["he"]), ("wesar", best["wesar"]), ("wesar", best["he"])})
+    assert sorted((r["method"], r["lr"]) for r in summary["runs"] if r["seed"] == 2) == seed2
+    total = 4 + len(seed2)
+    assert len(progress) == total and progress[-1].startswith(f"[##########] {total}/{total}")
+    assert all("(kept" in line for line in again if line.startswith("["))
+    assert sorted((r["method"], r["lr"]) for r in summary["runs"] if r["seed"] == 1) == [
         ("he", 1e-3), ("he", 1e-2), ("wesar", 1e-3), ("wesar", 1e-2)]
+    assert summary["protocols"]["shared"]["lrs"] == {"he": best["he"], "wesar": best["he"]}
     for run in summary["runs"]:
         assert run["steps"] == 6
         assert math.isfinite(run["final_train_loss"]) and math.isfinite(run["final_valid_loss"])
@@ -402,10 +408,13 @@ def test_small_study_end_to_end(tmp_path):
         assert run["update_ratio_spread"] == pytest.approx(_spread_from_metrics(out_dir, run))
         assert set(run["spikes"]) == {"loss", "grad_norm"}
         assert (run["gate_count"] > 0) is (run["method"] == "wesar")
+        assert run["attn_logit_max_peak"] > 0 and math.isfinite(run["output_log_z_final"])
+        assert bool(run["alpha0"]) is (run["method"] == "wesar")
     assert set(summary["methods"]) == {"he", "wesar"}
     report = open(os.path.join(out_dir, "report.md")).read()
     assert "## Findings" in report and "| wesar |" in report
-    for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png"):
+    for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png",
+                 "instability_proxies.png"):
         assert open(os.path.join(out_dir, name), "rb").read(8) == PNG_SIGNATURE
 
 
