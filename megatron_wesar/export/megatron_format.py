@@ -60,7 +60,7 @@ def megatron_lm_flags(config, vocab_size: int, tied: bool) -> list:
              "--seq-length", model.seq_length, "--max-position-embeddings", model.seq_length,
              "--position-embedding-type", model.position_embedding_type,
              "--normalization", model.normalization, "--vocab-size", vocab_size,
-             "--make-vocab-size-divisible-by", 1, "--use-mcore-models", "--finetune"]
+             "--make-vocab-size-divisible-by", 1, "--finetune"]
     flags += ["--swiglu"] if model.swiglu else []
     flags += [] if tied else ["--untie-embeddings-and-output-weights"]
     return [str(flag) for flag in flags]

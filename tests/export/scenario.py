@@ -64,11 +64,6 @@ def cli(command, argv) -> tuple:
 
 def run(rank, world_size, root):
     """The whole scenario (see the module docstring)."""
-    import time
-    t0 = time.perf_counter()
-    def tick(what):
-        if rank == 0:
-            print(f"TIMING {what} {time.perf_counter() - t0:.1f}", flush=True)
     from megatron_wesar.export.hf import export_hf
     from megatron_wesar.export.megatron_format import (
         build_plain_model,
@@ -82,12 +77,10 @@ def run(rank, world_size, root):
     for name, extra in MODELS.items():
         _pretrain([*TINY, *TRAIN, *extra, "--tensor-model-parallel-size", "2",
                    "--save", f"{root}/{name}/ckpt"])
-    tick("trained")
     with model_parallel(2):
         for name in MODELS:
             model = load_gated_model(open_checkpoint(f"{root}/{name}/ckpt"))
             out[name]["gated"] = logits(model, batch)
-    tick("gated logits")
     with model_parallel(1):
         for name in MODELS:
             checkpoint = open_checkpoint(f"{root}/{name}/ckpt")
@@ -101,14 +94,10 @@ def run(rank, world_size, root):
                 gate.mul_(1.01)  # one gate off by 1%: the parity must break
             export_hf(model, checkpoint, f"{root}/{name}/hf_perturbed")
         out["plain_tp1"] = _plain_logits(root, batch, build_plain_model, load_plain_checkpoint)
-    tick("exported")
     with model_parallel(2):
         out["plain_tp2"] = _plain_logits(root, batch, build_plain_model, load_plain_checkpoint)
-    tick("plain")
     out["round_trip"] = _round_trip(root, batch)
-    tick("round trip")
     out["refusals"] = _refusals(root)
-    tick("refusals")
     return out if rank == 0 else None
 
 
