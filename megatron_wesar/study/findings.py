@@ -21,7 +21,8 @@ def findings(summary: Summary) -> str:
         return "No runs."
     parts = []
     for topic in (_regime_sentences, _ranking_sentences, _protocol_sentences,
-                  _grid_edge_sentences, _baseline_sentences, _stability_sentences,
+                  _grid_edge_sentences, _baseline_sentences, _instability_sentences,
+                  _stability_sentences,
                   _spike_sentences, _loss_rise_sentences, _rule_window_sentences,
                   _proxy_sentences, _update_ratio_sentences, _gate_sentences):
         parts += topic(summary, methods)
@@ -139,6 +140,49 @@ def _protocol_sentences(summary: Summary, methods: list) -> list:
             else:
                 out.append(claim + ("under both protocols." if wins["best"] else
                                     "under neither protocol."))
+    return out
+
+
+def _unstable_lrs(summary: Summary, method: str) -> dict:
+    """{lr: [what happened]} of the method's LRs where a run diverged, its loss rose above its
+    first step's value, or a spike rule flagged its training loss."""
+    out = {}
+    for r in summary["runs"]:
+        if r["method"] != method:
+            continue
+        events = out.setdefault(r["lr"], set())
+        if r.get("diverged"):
+            events.add("diverged")
+        if (r.get("peak_loss_over_initial") or 0) > 1:
+            events.add(f"loss {r['peak_loss_over_initial']:.2f}x L0")
+        flagged = [rule for rule, n in r["spikes"].get("loss", {}).items() if n]
+        if flagged:
+            events.add("loss spike (" + ", ".join(flagged) + ")")
+    return {lr: sorted(events) for lr, events in sorted(out.items()) if events}
+
+
+def _instability_sentences(summary: Summary, methods: list) -> list:
+    """Whether any baseline spiked, blew up or diverged, and what the other methods did under
+    the same protocol; said plainly when nothing did."""
+    baselines = set(summary.get("baseline_methods") or [])
+    unstable = {m: _unstable_lrs(summary, m) for m in methods}
+
+    def listed(m):
+        return f"{m} at " + "; ".join(f"LR {format_lr(lr)} ({', '.join(events)})"
+                                      for lr, events in unstable[m].items())
+
+    hit = [m for m in methods if m in baselines and unstable[m]]
+    others = [m for m in methods if m not in baselines]
+    if not hit:
+        return ["No baseline spiked, blew up above its initial loss or diverged at any LR of "
+                "this grid: the grid shows no instability regime at this scale and length"
+                + (" (" + "; ".join(listed(m) for m in others if unstable[m]) + ")"
+                   if any(unstable[m] for m in others) else "") + "."]
+    out = ["Instabilities of the baselines (training-loss spike rules, loss above its first "
+           "step's value, divergence): " + "; ".join(listed(m) for m in hit) + "."]
+    for m in others:
+        out.append(f"Under the same protocol {listed(m)}." if unstable[m] else
+                   f"Under the same protocol {m} had none of these at any LR.")
     return out
 
 

@@ -230,6 +230,9 @@ def test_report_renders_from_the_fixture(study_dir, capsys):
     assert ("the claim that wesar beats every baseline outside seed noise holds at each "
             "method's own best LR and not at the shared LR 1e-2") in report
     assert "| he | 4.924 | 0.200 | none | 1e-2 | none | 0.99x |" in report
+    assert ("Instabilities of the baselines (training-loss spike rules, loss above its first "
+            "step's value, divergence): he at LR 1e-2 (loss spike (relmin)). Under the same "
+            "protocol wesar had none of these at any LR.") in report
     assert "| he | 1e-2 | highest stable LR | 8.00 | 8.00 | 1.60 | 3.40 |" in report
     assert "Rules megatron, zscore flagged none of its steps" in report
     for name in ("loss_curves.png", "lr_sensitivity.png", "update_ratios.png", "gates.png",
