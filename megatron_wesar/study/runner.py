@@ -92,13 +92,16 @@ class StudyPreset:
     constant_lr: bool = False  # after warm-up, no decay (min LR = peak LR)
 
 
+# the shape of the short CPU presets: TP=2 on 2 ranks, sequence 64, one microbatch of 16 per step
+_TP2_SEQ64 = {"parallel.tensor_model_parallel_size": 2, "model.seq_length": 64,
+              "training.micro_batch_size": 16, "training.global_batch_size": 16}
+
 STUDY_PRESETS = {
     # `make demo`: must finish in <= 10 minutes on 2 CPU cores including start-up.
     "tiny": StudyPreset(
         model_preset="tiny",
         overrides={
-            "parallel.tensor_model_parallel_size": 2, "model.seq_length": 64,
-            "training.micro_batch_size": 16, "training.global_batch_size": 16,
+            **_TP2_SEQ64,
             "training.train_iters": 80, "training.lr_warmup_iters": 8,
             "wesar.sigma_regime": "130m",
             "logging.log_interval": 20, "logging.eval_interval": 40, "logging.eval_iters": 4,
@@ -163,8 +166,7 @@ STUDY_PRESETS = {
     "instability": StudyPreset(
         model_preset="tiny",
         overrides={
-            "parallel.tensor_model_parallel_size": 2, "model.seq_length": 64,
-            "training.micro_batch_size": 16, "training.global_batch_size": 16,
+            **_TP2_SEQ64,
             "training.train_iters": 300, "training.lr_warmup_iters": 5,
             "training.clip_grad": 0.0, "wesar.sigma_regime": "130m",
             "logging.log_interval": 10, "logging.eval_interval": 100, "logging.eval_iters": 4,
