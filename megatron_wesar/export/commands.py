@@ -71,8 +71,10 @@ def export_main(argv=None) -> int:
     def run():
         from .hf import export_hf
         from .megatron_format import export_megatron
+        from .output import refuse_existing
         from .source import load_gated_model, open_checkpoint
 
+        refuse_existing(args.out)  # before the (long) load
         checkpoint = open_checkpoint(args.load, args.iteration)
         model = load_gated_model(checkpoint)
         if args.to == "megatron":

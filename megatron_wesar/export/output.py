@@ -20,6 +20,13 @@ def on_writer(fn):
     return on_rank0(fn)
 
 
+def refuse_existing(out: str) -> None:
+    """FileExistsError when `out` exists: an export never overwrites."""
+    if os.path.lexists(out):
+        raise FileExistsError(f"{os.path.abspath(out)} already exists: export writes a new "
+                              "directory (remove it or choose another name)")
+
+
 @contextmanager
 def staged_directory(out: str):
     """Yield a fresh temporary directory next to `out` (the same path on every rank); when the
@@ -28,9 +35,7 @@ def staged_directory(out: str):
     out = os.path.abspath(out)
 
     def make() -> str:
-        if os.path.lexists(out):
-            raise FileExistsError(f"{out} already exists: export writes a new directory (remove "
-                                  "it or choose another name)")
+        refuse_existing(out)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = f"{out}.tmp-{uuid.uuid4().hex[:12]}"
         os.mkdir(tmp)

@@ -118,18 +118,15 @@ def _plain_logits(root, batch, build_plain_model, load_plain_checkpoint) -> dict
 
 
 def _round_trip(root, batch) -> dict:
-    """hf -> import -> export -> hf through the command line, for both models (gate 1), and
-    the rescaled import of the Llama one (W_bar stds, logits) and a resumed step from it."""
+    """hf -> import -> export -> hf through the command line (the GPT-2 style model, gate 1),
+    the rescaled import of the Llama style one (W_bar stds, logits) and a run resumed from it."""
     from megatron_wesar.export.source import load_gated_model, open_checkpoint
 
-    result = {}
-    for name in MODELS:
-        result[name] = [
-            cli("import", ["--from", "hf", f"{root}/{name}/hf", *TINY, *TRAIN,
-                           "--save", f"{root}/{name}/imported"]),
-            cli("export", ["--load", f"{root}/{name}/imported", "--to", "hf",
-                           f"{root}/{name}/hf_again"]),
-        ]
+    result = {"gpt2": [
+        cli("import", ["--from", "hf", f"{root}/gpt2/hf", *TINY, *TRAIN,
+                       "--save", f"{root}/gpt2/imported"]),
+        cli("export", ["--load", f"{root}/gpt2/imported", "--to", "hf", f"{root}/gpt2/hf_again"]),
+    ]}
     result["rescaled"] = cli("import", ["--from", "hf", f"{root}/llama/hf", "--rescale-to-sigma",
                                         *TINY, *TRAIN, *MODELS["llama"],
                                         "--save", f"{root}/llama/rescaled"])
