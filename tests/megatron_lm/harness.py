@@ -5,11 +5,12 @@
 (with `pretrain_gpt.py <arguments>`: Megatron-LM's own script). Both run Megatron-LM's
 pretrain() (on CPU through megatron_wesar.megatron_lm.cpu). The harness
 wraps Megatron-LM's `train_step` and `train` (test instrumentation only) to record, per rank,
-into OUT_DIR/rank<N>.json: each step's loss and every gate's value after it, and at the end the
-finalize function in the model config and the optimizer's param groups (names, wd_mult, max_lr,
-min_lr).
+into OUT_DIR/rank<N>.json: every gate's initial value, each step's loss and every gate's value
+after it, and at the end the finalize function in the model config, the optimizer's param groups
+(names, wd_mult, max_lr, min_lr) and the parameters of Megatron-LM's gpt_builder.
 """
 import functools
+import inspect
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ def _groups(model, optimizer) -> list:
 
 
 def _record(out_dir: Path) -> None:
+    from gpt_builders import gpt_builder
     from megatron.core import parallel_state
     from megatron.training import training
 
@@ -48,15 +50,18 @@ def _record(out_dir: Path) -> None:
 
     @functools.wraps(original_train)
     def train(forward_step_func, model, optimizer, *args, **kwargs):
+        initial = _gates(model)
         result = original_train(forward_step_func, model, optimizer, *args, **kwargs)
         config = args[4]
         finalize = config.finalize_model_grads_func
         record = {
             "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
             "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "initial_gates": initial,
             "steps": steps,
             "finalize": f"{finalize.__module__}.{finalize.__qualname__}",
             "groups": _groups(model, optimizer),
+            "gpt_builder_parameters": list(inspect.signature(gpt_builder).parameters),
         }
         rank = int(os.environ["RANK"])
         (out_dir / f"rank{rank}.json").write_text(json.dumps(record))

@@ -30,10 +30,8 @@ from megatron_wesar.megatron_lm.layer_spec import (
 )
 from megatron_wesar.megatron_lm.model import check_supported, wesar_gpt_builder
 from tests.helpers.distributed import run_distributed
+from tests.megatron_lm.test_megatron_lm import GPT_BUILDER_PARAMETERS
 
-# Megatron-LM's gpt_builder (gpt_builders.py at core_v0.16.1), which model_provider calls.
-GPT_BUILDER_PARAMETERS = ("args", "pre_process", "post_process", "vp_stage", "config",
-                          "pg_collection")
 SHAPE = {"hidden_size": 64, "num_layers": 2, "ffn_hidden_size": 256}
 
 
