@@ -71,7 +71,8 @@ def _write(directory: str, config, tensors: dict, tokenizer_file, eos_token: str
     from safetensors.torch import save_file
 
     config.save_pretrained(directory)
-    save_file(tensors, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
+    save_file({key: value.cpu() for key, value in tensors.items()},
+              os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
     if tokenizer_file is None:
         write_byte_tokenizer(directory)
     else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -31,12 +31,15 @@ CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 
 
 def build_plain_model(config, vocab_size: int, tied: bool) -> GPTModel:
-    """megatron-core's GPTModel (local spec, no gates) of `config`'s shape in the current
-    model-parallel layout; `tied`: one matrix for the word embedding and the output layer."""
+    """megatron-core's GPTModel (local spec, no gates) of `config`'s shape: this rank's stage
+    in the current model-parallel layout; `tied`: one matrix for the word embedding and the
+    output layer."""
     config = in_current_layout(config)
     transformer = build_transformer_config(config)
     spec = get_gpt_layer_local_spec(normalization=transformer.normalization)
     return GPTModel(transformer, spec, vocab_size, config.model.seq_length,
+                    pre_process=parallel_state.is_pipeline_first_stage(),
+                    post_process=parallel_state.is_pipeline_last_stage(),
                     share_embeddings_and_output_weights=tied,
                     position_embedding_type=config.model.position_embedding_type)
 

@@ -110,11 +110,13 @@ def run_config(path: str, description: dict) -> PretrainConfig:
 
 
 def in_current_layout(config: PretrainConfig) -> PretrainConfig:
-    """`config` with the current tensor-parallel size (no pipeline or sequence parallelism)."""
+    """`config` with the current tensor- and pipeline-parallel sizes (no sequence
+    parallelism)."""
     from megatron.core import parallel_state
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    return replace(config, parallel=ParallelConfig(tensor_model_parallel_size=tp))
+    return replace(config, parallel=ParallelConfig(
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size()))
 
 
 def build_model(config: PretrainConfig, vocab_size: int):

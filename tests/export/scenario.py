@@ -1,7 +1,8 @@
 """The export scenario, run once on 2 gloo ranks (tests/helpers/distributed.py): two tiny
 models trained at TP=2 through the driver (GPT-2 style: LayerNorm + GeLU + learned positions,
 tied; Llama style: RMSNorm + SwiGLU + RoPE, untied), their gated logits at TP=2, their exports
-(Megatron and Hugging Face, at TP=1 with DP=2), the Megatron exports' logits at TP=1 and TP=2,
+(Megatron and Hugging Face, at TP=1 with DP=2), the Megatron exports' logits at TP=1, TP=2
+and PP=2,
 the import round trip and the refusals. Rank 0 returns everything the tests compare."""
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ def tokens() -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def model_parallel(tp: int):
-    """megatron's groups with tensor-parallel size `tp` (the rest data-parallel)."""
+def model_parallel(tp: int, pp: int = 1):
+    """megatron's groups with tensor-parallel size `tp` and `pp` stages (the rest
+    data-parallel)."""
     from megatron.core import parallel_state
 
     from megatron_wesar.training.engine import initialize_parallel
 
-    initialize_parallel(tp, 1, seed=1)
+    initialize_parallel(tp, pp, seed=1)
     try:
         yield
     finally:
@@ -43,12 +45,23 @@ def model_parallel(tp: int):
 
 
 def logits(model, batch: torch.Tensor) -> torch.Tensor:
-    """The whole-vocabulary logits (float64) of `model` on `batch`."""
+    """The whole-vocabulary logits (float64) of `model` on `batch`; with two pipeline stages,
+    the first sends its output to the second (None on the first)."""
+    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     positions = torch.arange(batch.shape[1]).expand_as(batch)
+    group = parallel_state.get_pipeline_model_parallel_group()
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
     with torch.no_grad():
+        if not model.pre_process:
+            hidden = torch.empty(batch.shape[1], batch.shape[0], model.config.hidden_size)
+            torch.distributed.recv(hidden, group=group, group_src=0)
+            model.set_input_tensor(hidden)
         out = model(batch, positions, None)
+    if stages > 1 and not model.post_process:
+        torch.distributed.send(out, group=group, group_dst=1)
+        return None
     return gather_from_tensor_model_parallel_region(out).double()
 
 
@@ -96,6 +109,10 @@ def run(rank, world_size, root):
         out["plain_tp1"] = _plain_logits(root, batch, build_plain_model, load_plain_checkpoint)
     with model_parallel(2):
         out["plain_tp2"] = _plain_logits(root, batch, build_plain_model, load_plain_checkpoint)
+    with model_parallel(1, pp=2):
+        last_stage = [_plain_logits(root, batch, build_plain_model, load_plain_checkpoint)]
+    torch.distributed.broadcast_object_list(last_stage, src=1)
+    out["plain_pp2"] = last_stage[0]
     out["round_trip"] = _round_trip(root, batch)
     out["refusals"] = _refusals(root)
     return out if rank == 0 else None

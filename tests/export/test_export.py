@@ -71,12 +71,12 @@ def test_tied_embedding_with_two_gates_becomes_two_matrices(exported):
 
 @pytest.mark.parallel
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_megatron_export_loads_at_another_tp(exported, name):
+def test_megatron_export_loads_in_other_layouts(exported, name):
     results, _ = exported
     gated = results[name]["gated"]
-    for tp in ("plain_tp1", "plain_tp2"):
-        difference = relative_difference(results[tp][name], gated)
-        print(f"{name}: {tp} vs gated max relative difference {difference:.2e}")
+    for layout in ("plain_tp1", "plain_tp2", "plain_pp2"):
+        difference = relative_difference(results[layout][name], gated)
+        print(f"{name}: {layout} vs gated max relative difference {difference:.2e}")
         assert difference <= PARITY
 
 
