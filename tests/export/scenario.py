@@ -161,23 +161,30 @@ def _round_trip(root, batch) -> dict:
     return result
 
 
-def _refusals(root) -> dict:
-    """(exit status, stderr) of the commands given bad input."""
-    os.makedirs(f"{root}/empty", exist_ok=True)
-    baseline = f"{root}/baseline_ckpt"
+def _altered_copy(root, name: str, change: dict) -> str:
+    """A copy of the GPT-2 style checkpoint whose description's model settings say `change`."""
+    copy = f"{root}/{name}"
     if torch.distributed.get_rank() == 0:
-        shutil.copytree(f"{root}/gpt2/ckpt", baseline)
-        iteration = open(f"{baseline}/latest_checkpointed_iteration.txt").read().strip()
-        meta_path = f"{baseline}/iter_{int(iteration):07d}/wesar_checkpoint.json"
+        shutil.copytree(f"{root}/gpt2/ckpt", copy)
+        meta_path = f"{copy}/iter_0000002/wesar_checkpoint.json"
         with open(meta_path) as f:
             meta = json.load(f)
-        meta["model"]["wesar"] = False
+        meta["model"].update(change)
         with open(meta_path, "w") as f:
             json.dump(meta, f)
     torch.distributed.barrier()
+    return copy
+
+
+def _refusals(root) -> dict:
+    """(exit status, stderr) of the commands given bad input."""
+    os.makedirs(f"{root}/empty", exist_ok=True)
+    baseline = _altered_copy(root, "baseline_ckpt", {"wesar": False})
+    other_shape = _altered_copy(root, "other_shape_ckpt", {"ffn_hidden_size": 256})
     return {
         "no_tracker": cli("export", ["--load", f"{root}/empty", "--to", "hf", f"{root}/x"]),
         "baseline": cli("export", ["--load", baseline, "--to", "megatron", f"{root}/y"]),
+        "other_shape": cli("export", ["--load", other_shape, "--to", "hf", f"{root}/z"]),
         "exists": cli("export", ["--load", f"{root}/gpt2/ckpt", "--to", "hf",
                                  f"{root}/gpt2/hf"]),
         "left": sorted(os.listdir(root)),

@@ -117,5 +117,7 @@ def test_bad_input_is_named_and_nothing_is_half_written(exported):
     assert "latest_checkpointed_iteration.txt" in refusals["no_tracker"][1]
     assert refusals["baseline"][0] == 1 and "without WeSaR" in refusals["baseline"][1]
     assert refusals["exists"][0] == 1 and "already exists" in refusals["exists"][1]
+    code, message = refusals["other_shape"]
+    assert code == 1 and "checkpoint (2, 128, 64), this model (2, 256, 64)" in message
     assert not any(".tmp-" in name for name in refusals["left"])
-    assert not os.path.exists(root / "x") and not os.path.exists(root / "y")
+    assert not any(os.path.exists(root / name) for name in "xyz")
