@@ -11,7 +11,7 @@ from ..metric_keys import SPIKE_RULES, SPIKE_SERIES
 from .format import format_lr
 from .schema import Summary
 from .selection import best_runs, methods_in_order, role_stats, runs_at
-from .summary import REFERENCE_ROLE, RELATIVE_ROLES
+from .summary import BLOWUP_FACTOR, REFERENCE_ROLE, RELATIVE_ROLES
 
 
 def findings(summary: Summary) -> str:
@@ -144,21 +144,26 @@ def _protocol_sentences(summary: Summary, methods: list) -> list:
 
 
 def _unstable_lrs(summary: Summary, method: str) -> dict:
-    """{lr: [what happened]} of the method's LRs where a run diverged, its loss rose above its
-    first step's value, or a spike rule flagged its training loss."""
+    """{lr: [what happened]} of the method's LRs where a run diverged, its loss rose above
+    BLOWUP_FACTOR x its first step's value, or a spike rule flagged its training loss (over
+    the LR's seeds: how many diverged, the largest rise, the rules)."""
     out = {}
-    for r in summary["runs"]:
-        if r["method"] != method:
-            continue
-        events = out.setdefault(r["lr"], set())
-        if r.get("diverged"):
-            events.add("diverged")
-        if (r.get("peak_loss_over_initial") or 0) > 1:
-            events.add(f"loss {r['peak_loss_over_initial']:.2f}x L0")
-        flagged = [rule for rule, n in r["spikes"].get("loss", {}).items() if n]
+    for lr in sorted({r["lr"] for r in summary["runs"] if r["method"] == method}):
+        runs = runs_at(summary, method, lr)
+        events = []
+        diverged = sum(1 for r in runs if r.get("diverged"))
+        if diverged:
+            events.append(f"diverged in {diverged} of {len(runs)} seed(s)")
+        peak = max((r.get("peak_loss_over_initial") or 0) for r in runs)
+        if peak > BLOWUP_FACTOR:
+            events.append(f"loss up to {peak:.2f}x L0")
+        flagged = sorted({rule for r in runs for rule, n in r["spikes"].get("loss", {}).items()
+                          if n})
         if flagged:
-            events.add("loss spike (" + ", ".join(flagged) + ")")
-    return {lr: sorted(events) for lr, events in sorted(out.items()) if events}
+            events.append("loss spike (" + ", ".join(flagged) + ")")
+        if events:
+            out[lr] = events
+    return out
 
 
 def _instability_sentences(summary: Summary, methods: list) -> list:
@@ -174,12 +179,14 @@ def _instability_sentences(summary: Summary, methods: list) -> list:
     hit = [m for m in methods if m in baselines and unstable[m]]
     others = [m for m in methods if m not in baselines]
     if not hit:
-        return ["No baseline spiked, blew up above its initial loss or diverged at any LR of "
+        return [f"No baseline spiked, blew up (loss above {BLOWUP_FACTOR:g}x its first step's) or "
+                "diverged at any LR of "
                 "this grid: the grid shows no instability regime at this scale and length"
                 + (" (" + "; ".join(listed(m) for m in others if unstable[m]) + ")"
                    if any(unstable[m] for m in others) else "") + "."]
-    out = ["Instabilities of the baselines (training-loss spike rules, loss above its first "
-           "step's value, divergence): " + "; ".join(listed(m) for m in hit) + "."]
+    out = ["Instabilities of the baselines (training-loss spike rules, loss above "
+           f"{BLOWUP_FACTOR:g}x its first step's value L0, divergence): "
+           + "; ".join(listed(m) for m in hit) + "."]
     for m in others:
         out.append(f"Under the same protocol {listed(m)}." if unstable[m] else
                    f"Under the same protocol {m} had none of these at any LR.")
@@ -214,8 +221,8 @@ def _stability_sentences(summary: Summary, methods: list) -> list:
                               if survived else "diverged too") + ".")
     blowups = {m: stability[m].get("blowup_lrs") for m in methods if m in stability}
     if any(blowups.values()):
-        out.append("The training loss rose above its first step's value (a blow-up, even where "
-                   "the run recovered) for " + "; ".join(
+        out.append(f"The training loss rose above {BLOWUP_FACTOR:g}x its first step's value (a "
+                   "blow-up, even where the run recovered) for " + "; ".join(
                        f"{m} at LR {', '.join(format_lr(lr) for lr in lrs)}"
                        for m, lrs in blowups.items() if lrs)
                    + (f"; never for {', '.join(m for m, lrs in blowups.items() if not lrs)}"

@@ -137,7 +137,8 @@ def render_report(study_dir: str, summary: Summary | None = None) -> str:
         "its first training loss L0. LR sensitivity (Wortsman et al. 2023): the mean over the "
         "method's LRs of min(final loss, L0) minus its best final loss (seed means; a diverged "
         "cell counts as L0). The highest stable LR: the highest LR below every LR where a seed "
-        "diverged.",
+        "diverged. A blow-up: the training loss rises above 1.1x L0 after the first step, even "
+        "when the run recovers (the spike rules' windows cannot see the first steps).",
         table_stability(summary),
         "## Spike counts per rule",
         "Summed over every run of a method (all LRs and seeds). Rules (from "

@@ -118,7 +118,7 @@ class Stability(TypedDict):
     lr_sensitivity: float | None    # Wortsman et al. 2023
     diverged_lrs: list
     highest_stable_lr: float | None
-    blowup_lrs: list                # LRs where a run's loss rose above its L0 after step 1
+    blowup_lrs: list                # LRs where a run's loss rose above 1.1 x L0 after step 1
 
 
 class Summary(TypedDict):

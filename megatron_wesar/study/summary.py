@@ -43,6 +43,9 @@ from .statistics import lr_sensitivity, paired_difference, seed_spread
 REFERENCE_ROLE = "fc1"
 RELATIVE_ROLES = ("attn_proj", "fc2")
 FINAL_FRACTION = 0.1  # final train loss: mean over the last 10% of the optimizer steps
+# a blow-up: the training loss rises above BLOWUP_FACTOR x its first step's value (L0) later on
+# (the first steps of warm-up move the loss by a few percent either way)
+BLOWUP_FACTOR = 1.1
 
 _RUN_DIR = re.compile(r"^(?P<method>.+)_lr(?P<lr>[0-9.eE+-]+)_s(?P<seed>-?\d+)$")
 
@@ -473,15 +476,29 @@ def _seed_mean(values):
     return math.fsum(present) / len(present)
 
 
+def _selection_key(cell: GridCell, seeds: set):
+    """The ranking key of a cell over `seeds` only: the mean final validation loss of those
+    seeds (inf when one diverged); the whole cell's key without validation losses."""
+    mean_valid = _seed_mean([v for s, v in zip(cell["seeds"], cell["valid_by_seed"])
+                             if s in seeds])
+    if mean_valid is None:
+        return _loss_key(cell)
+    return mean_valid if math.isfinite(mean_valid) else math.inf
+
+
 def best_lrs(cells: dict[str, dict[float, GridCell]]) -> dict[str, MethodSummary]:
     """{method: {lr, final_valid_loss, final_train_loss, at_grid_edge, ...}} at the LR with the
-    lowest seed-mean final validation loss (train loss when a method has no evaluation)."""
+    lowest final validation loss (train loss when a method has no evaluation), compared over
+    the seeds that ran every LR of the method (the LR is selected on the same seeds everywhere,
+    even where later seeds ran only some LRs); the losses given are the means over all seeds
+    of that LR."""
     out = {}
     for method, by_lr in cells.items():
         lrs = sorted(by_lr)
         if not lrs:
             continue
-        best = min(lrs, key=lambda lr: _loss_key(by_lr[lr]))
+        common = set.intersection(*(set(cell["seeds"]) for cell in by_lr.values()))
+        best = min(lrs, key=lambda lr: _selection_key(by_lr[lr], common))
         out[method] = {
             "lr": best,
             "final_valid_loss": by_lr[best]["final_valid_loss"],
@@ -609,15 +626,15 @@ def stability(runs: list, cells: dict) -> dict:
     """Per method: the LR sensitivity of Wortsman et al. 2023 over its LRs (seed-mean final
     validation loss; L0 = the mean loss of the runs' first steps), the LRs at which a seed
     diverged, the highest LR of the grid below every such LR (the highest stable LR) and the
-    LRs at which a run's training loss rose above its first step's (a blow-up, even when the
-    run recovered)."""
+    LRs at which a run's training loss rose above BLOWUP_FACTOR x its first step's (a blow-up,
+    even when the run recovered)."""
     out = {}
     for method, by_lr in cells.items():
         initial = mean([r["initial_loss"] for r in runs if r["method"] == method])
         diverged = [lr for lr, cell in by_lr.items() if cell["diverged_seeds"]]
         stable = [lr for lr in by_lr if not diverged or lr < min(diverged)]
         blowups = {r["lr"] for r in runs if r["method"] == method
-                   and (r["peak_loss_over_initial"] or 0) > 1}
+                   and (r["peak_loss_over_initial"] or 0) > BLOWUP_FACTOR}
         out[method] = {
             "initial_loss": initial,
             "lr_sensitivity": lr_sensitivity(

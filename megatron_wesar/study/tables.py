@@ -10,7 +10,7 @@ from ..metric_keys import SPIKE_RULES, SPIKE_SERIES
 from .format import format_lr, format_number, format_ratio, markdown_table
 from .schema import Summary
 from .selection import best_runs, methods_in_order, role_stats, runs_at
-from .summary import REFERENCE_ROLE, RELATIVE_ROLES, mean
+from .summary import BLOWUP_FACTOR, REFERENCE_ROLE, RELATIVE_ROLES, mean
 
 
 def table_best(summary: Summary) -> str:
@@ -207,7 +207,7 @@ def table_paired(summary: Summary) -> str:
 def table_stability(summary: Summary) -> str:
     """Per method over its LRs: the loss at initialisation L0, Wortsman et al.'s LR
     sensitivity, the LRs at which a seed diverged, the highest stable LR, the LRs at which the
-    loss rose above L0 after the first step and the largest such ratio."""
+    loss rose above BLOWUP_FACTOR x L0 after the first step and the largest later loss / L0."""
     stability = summary.get("stability") or {}
     rows = []
     for m in methods_in_order(summary):
@@ -224,7 +224,8 @@ def table_stability(summary: Summary) -> str:
                          and r.get("peak_loss_over_initial") is not None]) else "n/a"])
     return markdown_table(["method", "L0 (first step's loss)", "LR sensitivity",
                            "LRs where a seed diverged", "highest stable LR",
-                           "LRs where the loss rose above L0", "max loss / L0 (any LR)"], rows)
+                           f"LRs where the loss rose above {BLOWUP_FACTOR:g}x L0",
+                           "max later loss / L0 (any LR)"], rows)
 
 
 def proxy_rows(summary: Summary) -> list:
