@@ -128,7 +128,8 @@ def render_report(study_dir: str, summary: Summary | None = None) -> str:
            if bb else "") + ", one entry per seed.",
         table_best(summary),
         "## Final validation loss: learning rate x method",
-        "Bold: each method's best LR.",
+        "Bold: each method's best LR, selected on the seeds that ran every LR of the method; "
+        "each cell is the mean over the seeds that ran it.",
         table_grid(summary),
         f"![learning-rate sensitivity]({FIGURES['lr_sensitivity']})",
         f"![loss curves]({FIGURES['loss_curves']})",
