@@ -135,12 +135,16 @@ def _plain_logits(root, batch, build_plain_model, load_plain_checkpoint) -> dict
 
 
 def _round_trip(root, batch) -> dict:
-    """hf -> import -> export -> hf through the command line (the GPT-2 style model, gate 1),
-    the rescaled import of the Llama style one (W_bar stds, logits) and a run resumed from it."""
+    """hf -> import -> export -> hf through the command line (the GPT-2 style model made tied
+    as GPT-2 is, gate 1), the rescaled import of the untied Llama style one (W_bar stds, logits)
+    and a run resumed from it."""
     from megatron_wesar.export.source import load_gated_model, open_checkpoint
 
+    if torch.distributed.get_rank() == 0:
+        _tie(f"{root}/gpt2/hf", f"{root}/gpt2/hf_tied")
+    torch.distributed.barrier()
     result = {"gpt2": [
-        cli("import", ["--from", "hf", f"{root}/gpt2/hf", *TINY, *TRAIN,
+        cli("import", ["--from", "hf", f"{root}/gpt2/hf_tied", *TINY, *TRAIN,
                        "--save", f"{root}/gpt2/imported"]),
         cli("export", ["--load", f"{root}/gpt2/imported", "--to", "hf", f"{root}/gpt2/hf_again"]),
     ]}
@@ -159,6 +163,21 @@ def _round_trip(root, batch) -> dict:
                            "--load", f"{root}/llama/rescaled", "--save", f"{root}/llama/resumed"])
     result["resumed_losses"] = losses
     return result
+
+
+def _tie(source: str, directory: str) -> None:
+    """A copy of the Hugging Face model `source` with its output layer tied to the embedding."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, directory)
+    with open(f"{directory}/config.json") as f:
+        config = json.load(f)
+    config["tie_word_embeddings"] = True
+    with open(f"{directory}/config.json", "w") as f:
+        json.dump(config, f)
+    tensors = load_file(f"{directory}/model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, f"{directory}/model.safetensors", metadata={"format": "pt"})
 
 
 def _altered_copy(root, name: str, change: dict) -> str:

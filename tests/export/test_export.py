@@ -88,13 +88,16 @@ def test_round_trip_gives_identical_tensors(exported):
     name = "gpt2"  # the Llama mapping's round trip: test_layout.py; its import: the next test
     for code, err in results["round_trip"][name]:
         assert code == 0, err
-    first = load_file(root / name / "hf" / "model.safetensors")
+    first = load_file(root / name / "hf_tied" / "model.safetensors")
     again = load_file(root / name / "hf_again" / "model.safetensors")
+    assert "lm_head.weight" not in again  # tied stays tied (both gates 1)
     assert sorted(first) == sorted(again)
     assert all(torch.equal(first[key], again[key]) for key in first)
-    for path in ("config.json", "tokenizer.json"):
-        assert (root / name / "hf" / path).read_text() == (
-            root / name / "hf_again" / path).read_text()
+    with open(root / name / "hf_again" / "config.json") as f:
+        assert json.load(f)["tie_word_embeddings"] is True
+    tokenizer = "tokenizer.json"
+    assert (root / name / "hf" / tokenizer).read_text() == (
+        root / name / "hf_again" / tokenizer).read_text()
 
 
 @pytest.mark.parallel
