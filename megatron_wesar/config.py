@@ -37,8 +37,9 @@ class WeSaRConfig:
         0.02, "the std of the 'megatron' backbone (Megatron-LM's --init-method-std)",
         positive=True)
     gate_embedding: bool = option(
-        True, "gate the word embedding (its gate starts at sigma_role / sigma); "
-        "--no-wesar-gate-embedding draws it with its backbone std instead",
+        True, "gate the input embeddings: the word embedding and the learned position table, "
+        "each with its own gate starting at sigma_role / sigma; --no-wesar-gate-embedding draws "
+        "them with their backbone std instead",
         flag="--wesar-gate-embedding")
     gate_output_layer: bool = option(
         True, "gate the (untied or tied) output layer", flag="--wesar-gate-output-layer")

@@ -8,8 +8,10 @@ from .config import DEFAULT_SIGMA, WeSaRConfig
 
 # One role per logical matrix: linear_qkv holds q, k and v; a SwiGLU linear_fc1 holds fc1_gate
 # (W_gate) and fc1 (W_up, also the whole fc1 of a GeLU MLP, and a SwiGLU fc1 whose two halves
-# share one gate).
-ROLES = ("q", "k", "v", "attn_proj", "fc1_gate", "fc1", "fc2", "embedding", "output")
+# share one gate). "position" is the learned position table (absent with RoPE): an input
+# embedding like the word embedding, with its std and gated with it.
+ROLES = ("q", "k", "v", "attn_proj", "fc1_gate", "fc1", "fc2", "embedding", "position", "output")
+INPUT_EMBEDDING_ROLES = ("embedding", "position")
 RESIDUAL_OUTPUT_ROLES = ("attn_proj", "fc2")
 
 
@@ -40,7 +42,7 @@ def sigma_role(role: str, shape: ModelShape, wesar: WeSaRConfig) -> float:
     if wesar.backbone == "he":
         if role == "fc2":
             base = math.sqrt(2.0 / d_ff)
-        elif role == "embedding":
+        elif role in INPUT_EMBEDDING_ROLES:
             base = DEFAULT_SIGMA
         else:
             base = math.sqrt(1.0 / d)
@@ -55,7 +57,7 @@ def is_gated(role: str, wesar: WeSaRConfig) -> bool:
     """Whether the matrix of `role` carries a gate under `wesar`."""
     if not wesar.enabled:
         return False
-    if role == "embedding":
+    if role in INPUT_EMBEDDING_ROLES:
         return wesar.gate_embedding
     if role == "output":
         return wesar.gate_output_layer

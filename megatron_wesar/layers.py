@@ -5,26 +5,30 @@ W_bar stays each layer's `weight`, sharded exactly as megatron-core shards it; t
 gradient-accumulation fusion are untouched, because the gate multiplies an activation next to the
 linear (docs/design.md section 2), not the weight:
 
-    layer             scaled activation                 local gate gradient
-    column-parallel   input (replicated, or SP-sharded)  complete; TP partial sum under SP
-                      output (TP-sharded)                TP partial sum
-    row-parallel      output (after the reduction)       complete; TP partial sum under SP
-                      input (TP-sharded)                 TP partial sum
-    vocab embedding   output (after the reduction)       complete; partial when reduce-scattered
+    layer                  scaled activation                 local gate gradient
+    column/row-parallel    input (the tensor the linear      complete, or a TP partial sum when
+                           saves for its backward)           the input is TP- or SP-sharded
+    fused column-parallel  output, one scale per column      TP partial sum
+    vocab embedding        output (after the reduction)      complete; partial when reduce-scattered
+    position embedding     the table (W_eff = alpha W_bar)   complete
 
 A fused column-parallel linear holds several logical matrices (megatron's linear_qkv: W_q, W_k,
 W_v, laid out per query group; a SwiGLU linear_fc1: W_gate, W_up), each with its own gate: the
 gates are expanded into one scale per output column (`FusedLayout`) that multiplies the sharded
-output, so each gate's gradient is the sum of grad * unscaled output over its own columns (a TP
-partial sum when TP > 1).
+output, so each gate's gradient is the sum of grad * unscaled output over its own columns.
 
-Each layer picks the placement at construction (`cheapest_placement`) and records on every gate
-whether its local gradient is a TP partial sum (`gate.tp_partial_grad`). With
-`WeSaRConfig.defer_gate_grad_reduction` (the default) those sums are done once per step for all
-gates by `megatron_wesar.grads.finalize_model_grads`, which must then be the model config's
-`finalize_model_grads_func` (checked at every forward that builds a graph); without it each
-layer's partial gradients are all-reduced inside backward (one collective per layer per
-microbatch).
+The gate adds no saved activation (`GateScale`): it keeps the scaled tensor, which the next op
+saves anyway (the linear its input; the attention its keys and values, views of linear_qkv's
+output; the activation function fc1's output), and recovers the unscaled one in backward; the
+word embedding recomputes its lookup instead.
+
+Each layer records on every gate whether its local gradient is a TP partial sum
+(`gate.tp_partial_grad`). With `WeSaRConfig.defer_gate_grad_reduction` (the default) those sums
+are done once per step for all gates by `megatron_wesar.grads.finalize_model_grads`, when it is
+the model config's `finalize_model_grads_func` (read at every forward); under any other finalize
+(megatron-core's or Megatron-LM's stock one, or None in a hand-written loop) and without deferral,
+each layer's partial gradients are all-reduced inside backward (one collective per layer per
+microbatch), so the gates never drift apart across TP ranks.
 
 Gates are fp32 whatever the model dtype (float64 in a float64 model): parameter, gradient and
 reduction; the multiply casts the gate to the activation's dtype and accumulates the gate's
@@ -97,51 +101,57 @@ def parameter_device(config) -> torch.device:
 
 
 class GateScale(torch.autograd.Function):
-    """y = x * scale (+ bias), for a (1,) gate or a per-column scale of shape (x.shape[-1],).
+    """y = x * scale (+ bias), for a (1,) gate or a per-column scale of shape (x.shape[-1],),
+    saving no activation of its own.
 
     The multiply runs in x's dtype (the scale cast to it); a bias (x.shape[-1],), when given, is
-    added in the same pass. Backward accumulates the scale's gradient in fp32 or wider (one dot
-    product for a (1,) gate, one per column otherwise) and returns it in the scale's dtype.
+    added in the same pass. Backward needs x for the scale's gradient: with `recompute` None it
+    saves y, the tensor the next op keeps anyway, and uses x = (y - bias) / scale; otherwise
+    `recompute()` (no grad) gives x again. The scale's gradient is accumulated in fp32 or wider
+    (one dot product for a (1,) gate, one per column otherwise) and returned in its dtype. A
+    scale of exactly 0 leaves x unrecoverable from y: its gradient is then non-finite, which the
+    non-finite guards report.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, bias=None):
-        ctx.save_for_backward(x, scale)
+    def forward(ctx, x, scale, bias=None, recompute=None):
         if bias is None:
-            return x * scale.to(x.dtype)
-        return torch.addcmul(bias, x, scale.to(x.dtype))
+            y = x * scale.to(x.dtype)
+        else:
+            y = torch.addcmul(bias, x, scale.to(x.dtype))
+        ctx.recompute = recompute
+        ctx.save_for_backward(None if recompute else y, scale, bias)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale = ctx.saved_tensors
+        y, scale, bias = ctx.saved_tensors
         grad_x = grad * scale.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_scale = grad_bias = None
+        columns = grad.shape[-1]
+        grad_rows = grad.reshape(-1, columns)
+        grad_bias = grad_rows.sum(0) if ctx.needs_input_grad[2] else None
+        grad_scale = None
         if ctx.needs_input_grad[1]:
             acc = torch.promote_types(grad.dtype, torch.float32)
-            if scale.numel() == 1:
-                grad_scale = torch.dot(grad.reshape(-1).to(acc), x.reshape(-1).to(acc))
+            if ctx.recompute is not None:
+                with torch.no_grad():
+                    x = ctx.recompute()
+                grad_scale = _sum_of_products(grad_rows, x.reshape(-1, columns), scale, acc)
             else:
-                columns = scale.numel()
-                grad_scale = (grad.reshape(-1, columns).to(acc)
-                              * x.reshape(-1, columns).to(acc)).sum(0)
+                grad_scale = _sum_of_products(grad_rows, y.reshape(-1, columns), scale, acc)
+                if bias is not None:
+                    grad_scale = grad_scale - _sum_of_products(
+                        grad_rows.sum(0, keepdim=True, dtype=acc), bias.reshape(1, -1), scale, acc)
+                grad_scale = grad_scale / scale.to(acc)
             grad_scale = grad_scale.reshape(scale.shape).to(scale.dtype)
-        if len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_scale, grad_bias
+        return grad_x, grad_scale, grad_bias, None
 
 
-def cheapest_placement(
-    input_elems: float, output_elems: float, input_partial: bool, output_partial: bool, defer: bool
-) -> str:
-    """Where the gate multiplies: 'input' or 'output' of the linear.
-
-    With the step-level fused reduction (`defer`), a partial-sum gradient costs nothing extra, so
-    the smaller activation wins (ties: input). Without it, a partial-sum gradient costs one
-    collective per gate per microbatch, so a complete placement wins when there is one.
-    """
-    if not defer and input_partial != output_partial:
-        return "output" if input_partial else "input"
-    return "output" if output_elems < input_elems else "input"
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, acc) -> torch.Tensor:
+    """sum(a * b) in `acc`: over everything for a (1,) `scale`, per column otherwise."""
+    if scale.numel() == 1:
+        return torch.dot(a.reshape(-1).to(acc), b.reshape(-1).to(acc)).reshape(1)
+    return (a.to(acc) * b.to(acc)).sum(0)
 
 
 @dataclass(frozen=True)
@@ -241,9 +251,7 @@ class _Gated:
         self.matrix_parts, self.fused_layout = parts, layout
         self.wesar = wesar
         self.gate_placement = placement
-        self._reduce_gate_grad_in_backward = bool(
-            placement and partial_grad and not wesar.defer_gate_grad_reduction
-        )
+        self._partial_gate_grad = bool(placement and partial_grad)
         for part in parts:
             gate = None
             if placement is not None:
@@ -274,20 +282,40 @@ class _Gated:
             return []
         return [getattr(self, part.gate_name) for part in self.matrix_parts]
 
-    def _scale(self, activation: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _scale(self, activation: torch.Tensor, bias: torch.Tensor | None = None,
+               recompute=None) -> torch.Tensor:
         """Multiply `activation` by the gate(s) and add `bias` (None: no bias) in one pass; the
-        activation itself when this layer is not gated."""
+        activation itself when this layer is not gated. `recompute` (see GateScale) gives the
+        activation again in backward instead of recovering it from the output."""
         gates = self.gates()
         if not gates:
             return activation
         scale = gates[0] if len(gates) == 1 else torch.cat(gates)
-        if self._reduce_gate_grad_in_backward:
+        if self._reduces_gate_grad_in_backward():
             scale = copy_to_tensor_model_parallel_region(scale, group=self.tp_group)
-        elif gates[0].tp_partial_grad and gates[0].requires_grad and torch.is_grad_enabled():
-            _check_finalize_reduces_gates(self.config)
         if self.fused_layout is not None:
             scale = self.fused_layout.column_scale(scale)
-        return GateScale.apply(activation, scale, bias)
+        return GateScale.apply(activation, scale, bias, recompute)
+
+    def _reduces_gate_grad_in_backward(self) -> bool:
+        """Whether this forward's partial gate gradients are all-reduced in backward: without
+        deferral, or when the config's finalize is not the gate-aware one (said once)."""
+        if not (self._partial_gate_grad and torch.is_grad_enabled()):
+            return False
+        if not self.wesar.defer_gate_grad_reduction:
+            return True
+        finalize = getattr(self.config, "finalize_model_grads_func", None)
+        if getattr(finalize, "reduces_wesar_gates", False):
+            return False
+        warnings.warn(
+            "WeSaR: config.finalize_model_grads_func is "
+            f"{getattr(finalize, '__qualname__', finalize)}, not "
+            "megatron_wesar.grads.finalize_model_grads: the gated layers all-reduce their "
+            "partial gate gradients in backward (one collective per layer per microbatch) "
+            "instead of once per step",
+            stacklevel=3,
+        )
+        return True
 
     def _gated_linear(self, linear_forward, input_, **kwargs):
         """Run the parent linear with the gate on its input or output; return (output, bias)."""
@@ -309,24 +337,6 @@ def _refuse_old_gate_format(module, state_dict, prefix, *args) -> None:
         raise old_gate_format_error(key, [prefix + part.gate_name for part in module.matrix_parts])
 
 
-def _check_finalize_reduces_gates(config) -> None:
-    """Raise unless `config.finalize_model_grads_func` sums the TP partial gate gradients."""
-    finalize = getattr(config, "finalize_model_grads_func", None)
-    if getattr(finalize, "reduces_wesar_gates", False):
-        return
-    if finalize is None:
-        found = ("None: nothing would sum the TP partial-sum gate gradients, and the gates would "
-                 "silently drift apart across tensor-parallel ranks")
-    else:
-        found = getattr(finalize, "__qualname__", finalize)
-    raise RuntimeError(
-        "WeSaR gates with deferred (step-level) gradient reduction need "
-        "config.finalize_model_grads_func = megatron_wesar.grads.finalize_model_grads; "
-        f"found {found}. Set it (and let the training loop call it after the backward passes), "
-        "or build the layers with WeSaRConfig(defer_gate_grad_reduction=False)."
-    )
-
-
 def _shape_of(config) -> ModelShape:
     return ModelShape.from_transformer_config(config)
 
@@ -343,9 +353,9 @@ class GatedColumnParallelLinear(ColumnParallelLinear, _Gated):
     WeSaRConfig). linear_qkv gets gates gate_q, gate_k, gate_v; a SwiGLU linear_fc1 (role "fc1",
     config.gated_linear_unit) gets gate_gate and gate_up unless `wesar.share_glu_gates`; every
     other layer one gate `gate`. The incoming `init_method` is replaced by N(0, std(W_bar)^2).
-    A single gate scales the input (complete gradient without sequence parallelism) or, when that
-    is smaller, the sharded output (TP partial sum); the gates of a fused layer scale the sharded
-    output column by column. Returns (output, bias) like the parent.
+    A single gate scales the input (complete gradient; a TP partial sum under sequence
+    parallelism); the gates of a fused layer scale the sharded output column by column (TP
+    partial sums). Returns (output, bias) like the parent.
     """
 
     def __init__(
@@ -373,14 +383,6 @@ class GatedColumnParallelLinear(ColumnParallelLinear, _Gated):
             if gather_output:
                 raise ValueError(f"a fused {role} linear cannot gather its output")
             placement = "output"
-        elif placement and tp > 1 and not gather_output:
-            placement = cheapest_placement(
-                input_size / (tp if sp else 1),
-                output_size / tp,
-                input_partial=input_partial,
-                output_partial=True,
-                defer=wesar.defer_gate_grad_reduction,
-            )
         stds = {weight_std(weight_role or part.role, shape, wesar) for part in parts}
         assert len(stds) == 1, f"the parts of {role} must share one init std, got {stds}"
         super().__init__(
@@ -406,9 +408,9 @@ class GatedColumnParallelLinear(ColumnParallelLinear, _Gated):
 class GatedRowParallelLinear(RowParallelLinear, _Gated):
     """RowParallelLinear whose effective weight is gate * weight.
 
-    The gate scales the output after the tensor-parallel reduction and before the bias (complete
-    gradient without sequence parallelism) or, when that is smaller, the sharded input (TP
-    partial sum). The bias stays un-gated. Returns (output, bias) like the parent.
+    The gate scales the input, the tensor the linear saves for its backward (a TP partial sum
+    when the input is TP-sharded, `input_is_parallel`). The bias stays un-gated. Returns
+    (output, bias) like the parent.
     """
 
     def __init__(
@@ -420,34 +422,22 @@ class GatedRowParallelLinear(RowParallelLinear, _Gated):
         init_method=None,
         role: str,
         wesar: WeSaRConfig | None = None,
-        skip_bias_add: bool = False,
         input_is_parallel: bool = False,
         **kwargs,
     ):
         wesar = wesar or WeSaRConfig()
         shape = _shape_of(config)
         tp = _tp_size(kwargs)
-        sp = bool(config.sequence_parallel) and tp > 1
-        placement = "output" if is_gated(role, wesar) else None
-        if placement and tp > 1 and input_is_parallel:
-            placement = cheapest_placement(
-                input_size / tp,
-                output_size / (tp if sp else 1),
-                input_partial=True,
-                output_partial=sp,
-                defer=wesar.defer_gate_grad_reduction,
-            )
         super().__init__(
             input_size,
             output_size,
             config=config,
             init_method=_normal_init(weight_std(role, shape, wesar)),
-            skip_bias_add=skip_bias_add or placement == "output",
             input_is_parallel=input_is_parallel,
             **_accepted_kwargs(RowParallelLinear, kwargs),
         )
-        self.add_bias_in_forward = not skip_bias_add
-        partial_grad = tp > 1 and (True if placement == "input" else sp)
+        placement = "input" if is_gated(role, wesar) else None
+        partial_grad = tp > 1 and input_is_parallel
         self._setup_gates((MatrixPart("", role),), None, wesar, shape, placement, partial_grad)
 
     def forward(self, input_):
@@ -485,8 +475,10 @@ class GatedVocabParallelEmbedding(VocabParallelEmbedding, _Gated):
                           partial_grad)
 
     def forward(self, input_):
-        """Look up rows of the embedding table, scaled by the gate."""
-        return self._scale(super().forward(input_))
+        """Look up rows of the embedding table, scaled by the gate (the lookup is redone in
+        backward for the gate's gradient instead of being saved)."""
+        return self._scale(super().forward(input_),
+                           recompute=partial(VocabParallelEmbedding.forward, self, input_))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """The parent's sharded weight plus the gate as a replicated tensor."""
@@ -501,6 +493,30 @@ class GatedVocabParallelEmbedding(VocabParallelEmbedding, _Gated):
                 dp_cp_group=metadata["dp_cp_group"],
             )
         return sharded
+
+
+class GatedPositionEmbedding(torch.nn.Embedding, _Gated):
+    """megatron's learned position table (a torch.nn.Embedding, replicated over TP) whose table
+    is gate * weight: the gate scales the table before the lookup, so its gradient is complete
+    and no activation is saved (the table is re-read in backward)."""
+
+    def __init__(self, max_sequence_length: int, hidden_size: int, *, config,
+                 wesar: WeSaRConfig | None = None):
+        wesar = wesar or WeSaRConfig()
+        shape = _shape_of(config)
+        table = torch.empty(max_sequence_length, hidden_size, dtype=config.params_dtype,
+                            device=parameter_device(config))
+        super().__init__(max_sequence_length, hidden_size, _weight=table)  # no default init
+        self.config = config
+        if config.perform_initialization:
+            torch.nn.init.normal_(self.weight, mean=0.0, std=weight_std("position", shape, wesar))
+        placement = "table" if is_gated("position", wesar) else None
+        self._setup_gates((MatrixPart("", "position"),), None, wesar, shape, placement, False)
+
+    def forward(self, position_ids):
+        """Look up rows of gate * weight."""
+        table = self._scale(self.weight, recompute=lambda: self.weight)
+        return torch.nn.functional.embedding(position_ids, table)
 
 
 def gate_parameters(module: torch.nn.Module):

@@ -30,9 +30,9 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.utils import get_pg_rank
 
 from .config import WeSaRConfig
-from .init import ModelShape, sigma_role
 from .layers import (
     GatedColumnParallelLinear,
+    GatedPositionEmbedding,
     GatedRowParallelLinear,
     GatedVocabParallelEmbedding,
     assert_gates_finite,
@@ -129,7 +129,6 @@ class WeSaRGPTModel(GPTModel):
                  wesar: WeSaRConfig, init_seed: int | None = None, **kwargs):
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         self.wesar = wesar
-        shape = ModelShape.from_transformer_config(config)
         if self.pre_process:
             if init_seed is not None:
                 seed_for_module(init_seed, config.num_layers + 1)
@@ -142,12 +141,9 @@ class WeSaRGPTModel(GPTModel):
                 tp_group=old.tp_group,
                 wesar=wesar,
             )
-            position = getattr(self.embedding, "position_embeddings", None)
-            if position is not None:
-                position.to(dtype=config.params_dtype)
-                if config.perform_initialization:
-                    std = sigma_role("embedding", shape, wesar)
-                    torch.nn.init.normal_(position.weight, mean=0.0, std=std)
+            if getattr(self.embedding, "position_embeddings", None) is not None:
+                self.embedding.position_embeddings = GatedPositionEmbedding(
+                    max_sequence_length, config.hidden_size, config=config, wesar=wesar)
         if self.post_process:
             if init_seed is not None:
                 seed_for_module(init_seed, config.num_layers + 2)

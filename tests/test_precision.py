@@ -15,7 +15,7 @@ D, N, D_FF = 32, 2, 64
 HE_STD = {"q": math.sqrt(1 / D), "k": math.sqrt(1 / D), "v": math.sqrt(1 / D),
           "attn_proj": math.sqrt(1 / D) / math.sqrt(2 * N), "fc1_gate": math.sqrt(1 / D),
           "fc1": math.sqrt(1 / D), "fc2": math.sqrt(2 / D_FF) / math.sqrt(2 * N),
-          "embedding": math.sqrt(4e-5), "output": math.sqrt(1 / D)}
+          "embedding": math.sqrt(4e-5), "position": math.sqrt(4e-5), "output": math.sqrt(1 / D)}
 SIGMA = math.sqrt(4e-5)
 CASE = Case(dtype=torch.bfloat16, swiglu=True, lr=1e-3)
 

@@ -87,11 +87,12 @@ class Case:
 
     @property
     def num_gates(self) -> int:
-        """How many gates the model has: one per matrix of each layer, plus the gated embedding
-        and output."""
+        """How many gates the model has: one per matrix of each layer, plus the gated input
+        embeddings (word, and learned positions without RoPE) and output."""
         if not self.enabled:
             return 0
-        ends = 0 if self.layer_spec_only else self.gate_embedding + self.gate_output_layer
+        embeddings = self.gate_embedding * (1 if self.rope else 2)
+        ends = 0 if self.layer_spec_only else embeddings + self.gate_output_layer
         return self.gates_per_layer * self.num_layers + ends
 
     def global_batch(self, step: int) -> torch.Tensor:

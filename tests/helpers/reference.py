@@ -170,6 +170,8 @@ class ReferenceGPT(torch.nn.Module):
         self.embedding_gate = None if gate is None else torch.nn.Parameter(gate.clone())
         pos = sd.get("position.weight")
         self.position = None if pos is None else torch.nn.Parameter(pos.clone())
+        gate = sd.get("position.gate")
+        self.position_gate = None if gate is None else torch.nn.Parameter(gate.clone())
         self.blocks = torch.nn.ModuleList(
             Block(arch, sd, f"layers.{i}.") for i in range(arch.num_layers)
         )
@@ -182,7 +184,8 @@ class ReferenceGPT(torch.nn.Module):
 
     def gates(self) -> dict:
         """name -> gate parameter, in the canonical names of the state dict."""
-        out = {"embedding.gate": self.embedding_gate, "output.gate": self.output_gate}
+        out = {"embedding.gate": self.embedding_gate, "position.gate": self.position_gate,
+               "output.gate": self.output_gate}
         for i, block in enumerate(self.blocks):
             out.update(block.gates(f"layers.{i}."))
         return {k: v for k, v in out.items() if v is not None}
@@ -207,7 +210,10 @@ class ReferenceGPT(torch.nn.Module):
             table = self.embedding_gate * table
         x = F.embedding(tokens, table)
         if self.position is not None:
-            x = x + self.position[: tokens.shape[1]]
+            position = self.position[: tokens.shape[1]]
+            if self.position_gate is not None:
+                position = self.position_gate * position
+            x = x + position
         for block in self.blocks:
             x = block(x)
         x = self.final_norm(x)
