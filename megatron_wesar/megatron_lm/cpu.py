@@ -12,8 +12,9 @@ False; with CUDA it changes nothing. Megatron-LM functions are wrapped, never co
 - `initialize.validate_args` (as initialize_megatron calls it): then sets the arguments of
   CPU_ARGUMENTS that need CUDA to their CPU values, saying which it changed in one line:
   `--distributed-backend gloo` (Megatron-LM's default is nccl), no gradient-accumulation
-  fusion and no persistent LayerNorm (apex CUDA kernels; megatron-core's torch LayerNorm,
-  used without apex, refuses the latter).
+  fusion, no persistent LayerNorm (apex CUDA kernels; megatron-core's torch LayerNorm, used
+  without apex, refuses the latter) and no masked-softmax fusion (a CUDA kernel under bf16 /
+  fp16).
 - `initialize._initialize_distributed`: runs with `torch.cuda.device_count` reporting 1 and
   `torch.cuda.set_device` a no-op, because with no device it skips `initialize_model_parallel`
   altogether.
@@ -94,6 +95,7 @@ CPU_ARGUMENTS = {
     "distributed_backend": "gloo",
     "gradient_accumulation_fusion": False,  # apex's fused_weight_gradient_mlp_cuda
     "no_persist_layer_norm": True,  # apex's persistent LayerNorm kernel
+    "masked_softmax_fusion": False,  # megatron's scaled_masked_softmax_cuda (fp16 / bf16)
 }
 
 
