@@ -84,7 +84,7 @@ def _check_gate_reductions(engines, step, num_micro) -> dict:
         raise RuntimeError("no WeSaR gate has a TP partial-sum gradient: the fused reduction "
                            "has nothing to do (is sequence parallelism on?)")
     in_backward = [m for m in engines["wesar_in_backward"].module.modules()
-                   if getattr(m, "_reduce_gate_grad_in_backward", False)]
+                   if getattr(m, "_partial_gate_grad", False)]
     still_deferred = [name for name, gate in gates["wesar_in_backward"] if gate.tp_partial_grad]
     if still_deferred or not in_backward:
         raise RuntimeError(f"the in-backward variant defers {still_deferred} and reduces "
