@@ -172,7 +172,7 @@ def _loss_and_gate_grads(rank, world_size, case, perturbations, rel_step=1e-5):
 
 
 # every gate kind: q, k, v, attention output, fc1 (GeLU) or SwiGLU's gate and up, fc2, the word
-# embedding and the output layer
+# embedding, the learned position table (without RoPE) and the output layer
 FD_CASES = {
     "tp1": Case(num_layers=2),
     "tp2-sp-tied-gqa-swiglu-rope": Case(tp=2, sp=True, tied=True, swiglu=True, rope=True,
@@ -180,7 +180,8 @@ FD_CASES = {
 }
 GATE_KINDS = {
     "tp1": ("gate_q", "gate_k", "gate_v", "linear_proj.gate", "linear_fc1.gate",
-            "linear_fc2.gate", "word_embeddings.gate", "output_layer.gate"),
+            "linear_fc2.gate", "word_embeddings.gate", "position_embeddings.gate",
+            "output_layer.gate"),
     "tp2-sp-tied-gqa-swiglu-rope": ("gate_q", "gate_k", "gate_v", "linear_proj.gate",
                                     "gate_gate", "gate_up", "linear_fc2.gate",
                                     "word_embeddings.gate", "output_layer.gate"),
