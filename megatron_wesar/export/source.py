@@ -20,9 +20,9 @@ from ..training.arguments import ParallelConfig, PretrainConfig, pretrain_config
 from ..training.checkpointing import (
     CheckpointError,
     CheckpointMismatchError,
-    _candidates,
-    _check_tensor_shapes,
-    _first_intact,
+    check_tensor_shapes,
+    checkpoint_candidates,
+    first_intact,
 )
 from ..training.pretrain import build_transformer_config
 
@@ -63,8 +63,8 @@ def open_checkpoint(load: str, iteration: int | None = None) -> GatedCheckpoint:
     CheckpointMismatchError for a checkpoint that is not of a WeSaR model this package builds.
     """
     directory = os.path.abspath(load)
-    candidates = on_rank0(lambda: _candidates(directory, iteration, missing_ok=False))
-    path, description = _first_intact(candidates[:1], False, None)
+    candidates = on_rank0(lambda: checkpoint_candidates(directory, iteration, missing_ok=False))
+    path, description = first_intact(candidates[:1], False, None)
     return GatedCheckpoint(path, description, run_config(path, description))
 
 
@@ -136,7 +136,7 @@ def load_gated_model(checkpoint: GatedCheckpoint):
     if not parallel_layout_is_whole():
         raise CheckpointError("load_gated_model needs pipeline-parallel size 1")
     model = build_model(checkpoint.config, checkpoint.model["vocab_size"])
-    _check_tensor_shapes(checkpoint.path, model.sharded_state_dict())
+    check_tensor_shapes(checkpoint.path, model.sharded_state_dict())
     load_sharded(model, checkpoint.path, key="model")
     model.eval()
     return model

@@ -394,7 +394,7 @@ def _read_description(path: str) -> dict:
     return description
 
 
-def _candidates(directory: str, iteration: int | None, missing_ok: bool):
+def checkpoint_candidates(directory: str, iteration: int | None, missing_ok: bool):
     """[(checkpoint path, its iteration or None)] to load, in order: the one asked for (the
     tracker's, `iteration`'s, or `directory` itself when it is one checkpoint), then the older
     iter_*/ of the directory, newest first (for the fallback). None when `missing_ok` and
@@ -437,7 +437,7 @@ def _open_verified(path: str, iteration: int | None) -> dict:
     return description
 
 
-def _first_intact(candidates: list, fallback_to_previous: bool, log: Log) -> tuple[str, dict]:
+def first_intact(candidates: list, fallback_to_previous: bool, log: Log) -> tuple[str, dict]:
     """(path, description) of the first intact candidate: the first one, or with
     `fallback_to_previous` the newest intact one (each damaged one named in the log)."""
     for index, (path, iteration) in enumerate(candidates):
@@ -468,7 +468,7 @@ def _check_model(path: str, description: dict, engine) -> None:
         )
 
 
-def _check_tensor_shapes(path: str, model_state: dict) -> None:
+def check_tensor_shapes(path: str, model_state: dict) -> None:
     """Compare the global shapes of the model's sharded tensors with the checkpoint's
     (catches shape differences the description does not name)."""
     saved = dist_checkpointing.load_tensors_metadata(path)
@@ -580,11 +580,11 @@ def load_checkpoint(engine, directory: str, iteration: int | None = None, *,
     LR schedule that differs while the scheduler neither overrides nor uses the checkpoint's.
     """
     directory = os.path.abspath(directory)
-    candidates = on_rank0(lambda: _candidates(directory, iteration, missing_ok))
+    candidates = on_rank0(lambda: checkpoint_candidates(directory, iteration, missing_ok))
     if candidates is None:
         _say(log, f"no checkpoint in {directory} yet: starting from iteration 0")
         return 0
-    path, description = _first_intact(candidates, fallback_to_previous, log)
+    path, description = first_intact(candidates, fallback_to_previous, log)
     _check_model(path, description, engine)
     schedule_diffs = _check_schedule(path, engine.scheduler)
 
@@ -592,7 +592,7 @@ def load_checkpoint(engine, directory: str, iteration: int | None = None, *,
     model_state = _model_sharded_state_dict(engine, metadata)
     error = None
     try:
-        _check_tensor_shapes(path, model_state)
+        check_tensor_shapes(path, model_state)
     except CheckpointMismatchError as err:
         error = err
     except Exception as err:  # noqa: BLE001 - every rank raises below

@@ -566,4 +566,4 @@ def test_a_checkpoint_with_one_gate_per_fused_linear_is_named_as_the_old_format(
     with mock.patch.object(checkpointing.dist_checkpointing, "load_tensors_metadata",
                            return_value=saved):
         with pytest.raises(checkpointing.CheckpointMismatchError, match="old format with ONE gate"):
-            checkpointing._check_tensor_shapes("/ckpt", mine)
+            checkpointing.check_tensor_shapes("/ckpt", mine)
