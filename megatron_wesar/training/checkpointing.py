@@ -468,6 +468,13 @@ def _check_model(path: str, description: dict, engine) -> None:
         )
 
 
+# why a key of this model can be missing from an older WeSaR checkpoint
+_MISSING_HINTS = {
+    "embedding.position_embeddings": " (saved before the learned position table had a gate "
+    "of its own: the same model has that gate at 1.0)",
+}
+
+
 def check_tensor_shapes(path: str, model_state: dict) -> None:
     """Compare the global shapes of the model's sharded tensors with the checkpoint's
     (catches shape differences the description does not name)."""
@@ -483,7 +490,8 @@ def check_tensor_shapes(path: str, model_state: dict) -> None:
             elif isinstance(value, ShardedTensor):
                 mine.add(value.key)
                 if value.key not in saved:
-                    problems.append(f"{value.key}: missing from the checkpoint")
+                    problems.append(f"{value.key}: missing from the checkpoint"
+                                    + _MISSING_HINTS.get(value.key.rpartition(".")[0], ""))
                 elif tuple(saved[value.key].global_shape) != tuple(value.global_shape):
                     problems.append(
                         f"{value.key}: checkpoint {tuple(saved[value.key].global_shape)}, "
