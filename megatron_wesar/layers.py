@@ -33,6 +33,10 @@ microbatch), so the gates never drift apart across TP ranks.
 Gates are fp32 whatever the model dtype (float64 in a float64 model): parameter, gradient and
 reduction; the multiply casts the gate to the activation's dtype and accumulates the gate's
 gradient in fp32 or wider.
+
+Under FP8 (`config.fp8`, megatron_wesar.fp8) the transformer linears run their GEMMs in FP8 with
+the gate folded into the GEMM's scale (placement "gemm"): no GateScale, and the gate gradient is
+a TP partial sum whenever TP > 1 (each rank holds a shard of W_bar).
 """
 from __future__ import annotations
 
@@ -50,7 +54,10 @@ from megatron.core.tensor_parallel import (
 from megatron.core.tensor_parallel.layers import (
     set_defaults_if_not_set_tensor_model_parallel_attributes,
 )
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.utils import (
     get_pg_size,
     get_tensor_model_parallel_group_if_none,
@@ -58,6 +65,7 @@ from megatron.core.utils import (
 )
 
 from .config import WeSaRConfig
+from .fp8 import fp8_linear, recipe_for
 from .init import ModelShape, gate_initial_value, is_gated, weight_std
 
 
@@ -287,15 +295,23 @@ class _Gated:
         """Multiply `activation` by the gate(s) and add `bias` (None: no bias) in one pass; the
         activation itself when this layer is not gated. `recompute` (see GateScale) gives the
         activation again in backward instead of recovering it from the output."""
+        scale = self._gate_scale()
+        if scale is None:
+            return activation
+        return GateScale.apply(activation, scale, bias, recompute)
+
+    def _gate_scale(self) -> torch.Tensor | None:
+        """The gate as a (1,) scale, or a fused layer's gates as one scale per local output
+        column; None when this layer is not gated."""
         gates = self.gates()
         if not gates:
-            return activation
+            return None
         scale = gates[0] if len(gates) == 1 else torch.cat(gates)
         if self._reduces_gate_grad_in_backward():
             scale = copy_to_tensor_model_parallel_region(scale, group=self.tp_group)
         if self.fused_layout is not None:
             scale = self.fused_layout.column_scale(scale)
-        return GateScale.apply(activation, scale, bias, recompute)
+        return scale
 
     def _reduces_gate_grad_in_backward(self) -> bool:
         """Whether this forward's partial gate gradients are all-reduced in backward: without
@@ -328,6 +344,20 @@ class _Gated:
             if fused_bias is not None:
                 bias = None
         return output, bias
+
+    def _fp8_forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False,
+                          allreduce_dgrad=False, sequence_parallel=False, **_):
+        """What megatron's linear_with_grad_accumulation_and_async_allreduce does (the
+        sequence-parallel all-gather, or the input-gradient all-reduce, and the bias), with the
+        GEMMs in FP8 and the gate(s) folded into the output scale (megatron_wesar.fp8)."""
+        if sequence_parallel:
+            input = gather_from_sequence_parallel_region(input, group=self.tp_group)
+        elif allreduce_dgrad:
+            input = copy_to_tensor_model_parallel_region(input, group=self.tp_group)
+        fuse = bool(gradient_accumulation_fusion and hasattr(weight, "main_grad"))
+        output = fp8_linear(input, weight, self._gate_scale(), self.fp8_recipe, self.tp_group,
+                            fuse)
+        return output if bias is None else output + bias
 
 
 def _refuse_old_gate_format(module, state_dict, prefix, *args) -> None:
@@ -378,8 +408,11 @@ class GatedColumnParallelLinear(ColumnParallelLinear, _Gated):
         parts, layout = matrix_parts(role, config, wesar, output_size // tp)
         sp = bool(config.sequence_parallel) and tp > 1
         input_partial = sp or kwargs.get("disable_grad_reduce", False)
+        fp8 = recipe_for(config, role)
         placement = "input" if is_gated(parts[0].role, wesar) else None
-        if placement and layout is not None:
+        if placement and fp8 is not None:
+            placement = "gemm"
+        elif placement and layout is not None:
             if gather_output:
                 raise ValueError(f"a fused {role} linear cannot gather its output")
             placement = "output"
@@ -395,8 +428,14 @@ class GatedColumnParallelLinear(ColumnParallelLinear, _Gated):
             **_accepted_kwargs(ColumnParallelLinear, kwargs),
         )
         self.add_bias_in_forward = not skip_bias_add
+        self.fp8_recipe = fp8
         partial_grad = tp > 1 and (input_partial if placement == "input" else True)
         self._setup_gates(parts, layout, wesar, shape, placement, partial_grad, weight_role)
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if self.fp8_recipe is None:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return self._fp8_forward_impl(input, weight, *args, **kwargs)
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         """Forward of the gated layer: the parent's forward with the gate(s) applied."""
@@ -436,9 +475,17 @@ class GatedRowParallelLinear(RowParallelLinear, _Gated):
             input_is_parallel=input_is_parallel,
             **_accepted_kwargs(RowParallelLinear, kwargs),
         )
+        self.fp8_recipe = recipe_for(config, role)
         placement = "input" if is_gated(role, wesar) else None
-        partial_grad = tp > 1 and input_is_parallel
+        if placement and self.fp8_recipe is not None:
+            placement = "gemm"
+        partial_grad = tp > 1 and (input_is_parallel or placement == "gemm")
         self._setup_gates((MatrixPart("", role),), None, wesar, shape, placement, partial_grad)
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if self.fp8_recipe is None:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return self._fp8_forward_impl(input, weight, *args, **kwargs)
 
     def forward(self, input_):
         """Forward of the gated layer: the parent's forward with the gate applied."""
