@@ -93,7 +93,7 @@ class _CudaAsCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _cuda_as_cpu(fn: Callable) -> Callable:
+def cuda_as_cpu(fn: Callable) -> Callable:
     """`fn` run under the _CudaAsCpu mode; entered once (a nested mode would rename
     'torch.cuda.FloatTensor' again, to 'torch.cuda.cuda.FloatTensor')."""
 
@@ -145,7 +145,7 @@ def _patches():
     from megatron.core.transformer import utils as tutils
 
     def wrap(owner, name, why):
-        return (owner, name, _cuda_as_cpu(getattr(owner, name)), why)
+        return (owner, name, cuda_as_cpu(getattr(owner, name)), why)
 
     cuda = torch.cuda
     return [

@@ -42,7 +42,7 @@ import functools
 
 import torch
 
-from ..compat.cpu import _cuda_as_cpu, enable_cpu_compat
+from ..compat.cpu import cuda_as_cpu, enable_cpu_compat
 
 # (owner, attribute, original) for every applied patch.
 _applied: list = []
@@ -124,7 +124,7 @@ def _patches():
     cpu_streams = {"Stream": torch.cpu.Stream, "current_stream": torch.cpu.current_stream,
                    "stream": torch.cpu.stream}
     init = _allow_no_cuda(initialize.initialize_megatron)
-    pretrain = _cuda_as_cpu(training.pretrain)
+    pretrain = cuda_as_cpu(training.pretrain)
     return [
         (arguments, "get_device_arch_version", _no_device_arch),
         (initialize, "initialize_megatron", init),
