@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.megatron_wesar-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast test-megatron-lm lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test: $(STAMP)
 # the tests that spawn no process group (markers `parallel` and `oracle` deselected): < 1 minute
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not parallel and not oracle" tests
+
+# the Megatron-LM plug-in against a Megatron-LM checkout: MEGATRON_LM_DIR=<core_v0.16.1 checkout>
+# (docs/megatron-lm.md); without it these tests skip
+test-megatron-lm: $(STAMP)
+	$(PYTHON) -m pytest -q -m megatron_lm tests/megatron_lm
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .
