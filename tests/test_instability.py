@@ -88,6 +88,8 @@ def test_tp2_attention_logit_max_and_log_z_match_hand_computation():
     results = run_distributed(_rank, CASE.world_size, CASE, timeout=300)
     read = results[0]["read"]
     assert results[1]["read"] == read  # TP ranks agree
+    # the metrics-file contract: every key starts with one of the two prefixes
+    assert read and all(k.startswith(("attn_logit_max", "output_log_z")) for k in read)
     assert all(r["hooks_left"] == 0 for r in results)
     layers = sorted(results[0]["mixed"])
     assert layers == list(range(CASE.num_layers))
