@@ -68,7 +68,8 @@ def recipe_for(config, role: str) -> Fp8Recipe | None:
 
 def check_supported(config) -> None:
     """Raise Fp8UnavailableError naming why `config`'s FP8 settings cannot run on the
-    torch-native backend (the recipe, fp8_param, the params dtype, torch without _scaled_mm)."""
+    torch-native backend (the recipe, fp8_param, the params dtype, a GPU without FP8 GEMMs,
+    torch without _scaled_mm)."""
     recipe = getattr(config, "fp8_recipe", "tensorwise")
     recipe = getattr(recipe, "value", recipe)
     problems = []
@@ -79,6 +80,10 @@ def check_supported(config) -> None:
         problems.append("fp8_param (FP8 parameters / --fp8-param-gather need Transformer Engine)")
     if config.params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         problems.append(f"params_dtype {config.params_dtype} (fp32, bf16 or fp16 only)")
+    on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization
+    if on_gpu and torch.cuda.get_device_capability() < (8, 9):
+        problems.append(f"the GPU {torch.cuda.get_device_name()} (FP8 GEMMs need compute "
+                        "capability 8.9 or later: Ada, Hopper, Blackwell)")
     if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
         problems.append(f"torch {torch.__version__} (no torch._scaled_mm / float8 dtypes)")
     if problems:

@@ -1,9 +1,12 @@
-"""The WeSaR GPT layer spec (local backend) and the GPT model builder.
+"""The WeSaR GPT layer spec (local or Transformer Engine backend) and the GPT model builder.
 
 `get_wesar_layer_spec` returns megatron-core's TransformerLayer spec with the four linear layers
-replaced by gated ones. `WeSaRGPTModel` is megatron-core's GPTModel whose word embedding and
-output layer are gated too; with tied embeddings the two share W_bar and each keeps its own gate
-(docs/design.md section 3). `build_gpt_model` validates the parallel shapes and builds it.
+replaced by gated ones: megatron-core's tensor-parallel layers (backend "local"; FP8 through the
+torch-native backend, megatron_wesar.fp8) or its TE wrappers (backend "transformer_engine",
+megatron_wesar.te_layers: the norms fused into qkv and fc1, as megatron-core's gpt_layer_specs).
+`WeSaRGPTModel` is megatron-core's GPTModel whose word embedding and output layer are gated too;
+with tied embeddings the two share W_bar and each keeps its own gate (docs/design.md section 3).
+`build_gpt_model` validates the parallel shapes and builds it.
 """
 from __future__ import annotations
 
@@ -40,6 +43,26 @@ from .layers import (
 )
 from .norm import TorchNorm
 
+BACKENDS = ("local", "transformer_engine")  # Megatron-LM's --transformer-impl
+_TE_LAYERS = "megatron_wesar.te_layers"
+
+
+class TransformerEngineUnavailableError(ImportError):
+    """--transformer-impl transformer_engine where transformer_engine does not import."""
+
+
+def require_transformer_engine() -> None:
+    """Raise TransformerEngineUnavailableError, naming what to install, unless
+    transformer_engine (and megatron-core's wrappers of it) import."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as error:
+        raise TransformerEngineUnavailableError(
+            "--transformer-impl transformer_engine needs NVIDIA Transformer Engine, which does "
+            f"not import here ({error}); install it (pip install --no-build-isolation "
+            "transformer_engine[pytorch], CUDA only) or use --transformer-impl local (its FP8 "
+            "is the torch-native backend)") from error
+
 
 def seed_for_module(init_seed: int, index: int) -> None:
     """Seed the CPU RNG for the weights of module `index` (global layer number; num_layers + 1 for
@@ -63,40 +86,57 @@ class SeededTransformerLayer(TransformerLayer):
         super().__init__(config, submodules, layer_number, **kwargs)
 
 
-def get_wesar_layer_spec(wesar: WeSaRConfig, init_seed: int | None = None) -> ModuleSpec:
+def get_wesar_layer_spec(wesar: WeSaRConfig, init_seed: int | None = None,
+                         backend: str = "local") -> ModuleSpec:
     """A pre-LN GPT TransformerLayer spec whose qkv, attention-output, fc1 and fc2 are gated:
     one gate per logical matrix (linear_qkv: q, k, v; a SwiGLU linear_fc1: gate, up, unless
     `wesar.share_glu_gates`).
 
     The norm follows `config.normalization` (LayerNorm or RMSNorm); the MLP is GeLU or SwiGLU
     as `config.gated_linear_unit` and `config.activation_func` say. With `init_seed`, each layer's
-    CPU-initialised weights depend only on (init_seed, global layer number).
+    CPU-initialised weights depend only on (init_seed, global layer number). `backend` "local"
+    builds megatron-core's tensor-parallel layers and a TorchNorm; "transformer_engine" (raises
+    TransformerEngineUnavailableError without TE) TE's LayerNorm-linears for qkv and fc1 (the
+    layer norms fused in, so the spec's norms are IdentityOp), TE row-parallel linears and TE's
+    attention, as megatron-core's get_gpt_layer_with_transformer_engine_spec.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    te = backend == "transformer_engine"
+    if te:
+        require_transformer_engine()
+        column_cls = (_TE_LAYERS, "GatedTELayerNormColumnParallelLinear")
+        row_cls = (_TE_LAYERS, "GatedTERowParallelLinear")
+        attention = ("megatron.core.extensions.transformer_engine", "TEDotProductAttention")
+        norm = IdentityOp
+    else:
+        column_cls, row_cls = GatedColumnParallelLinear, GatedRowParallelLinear
+        attention, norm = DotProductAttention, TorchNorm
 
     def column(role):
-        return ModuleSpec(module=GatedColumnParallelLinear, params={"role": role, "wesar": wesar})
+        return ModuleSpec(module=column_cls, params={"role": role, "wesar": wesar})
 
     def row(role):
-        return ModuleSpec(module=GatedRowParallelLinear, params={"role": role, "wesar": wesar})
+        return ModuleSpec(module=row_cls, params={"role": role, "wesar": wesar})
 
     return ModuleSpec(
         module=SeededTransformerLayer,
         params={"init_seed": init_seed},
         submodules=TransformerLayerSubmodules(
-            input_layernorm=TorchNorm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=column("qkv"),
-                    core_attention=DotProductAttention,
+                    core_attention=attention,
                     linear_proj=row("attn_proj"),
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=TorchNorm,
+            pre_mlp_layernorm=norm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(linear_fc1=column("fc1"), linear_fc2=row("fc2")),
@@ -107,14 +147,17 @@ def get_wesar_layer_spec(wesar: WeSaRConfig, init_seed: int | None = None) -> Mo
 
 
 def get_wesar_block_spec(config, wesar: WeSaRConfig, vp_stage: int | None = None,
-                         init_seed: int | None = None) -> ModuleSpec:
-    """The TransformerBlock spec of this pipeline stage: gated layers and a TorchNorm final norm."""
+                         init_seed: int | None = None, backend: str = "local") -> ModuleSpec:
+    """The TransformerBlock spec of this pipeline stage: gated layers of `backend` and a final
+    norm (TorchNorm; TE's TENorm with backend "transformer_engine")."""
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    layer = get_wesar_layer_spec(wesar, init_seed)
+    layer = get_wesar_layer_spec(wesar, init_seed, backend)
+    final_norm = (("megatron.core.extensions.transformer_engine", "TENorm")
+                  if backend == "transformer_engine" else TorchNorm)
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
-                                              layer_norm=TorchNorm),
+                                              layer_norm=final_norm),
     )
 
 
@@ -213,9 +256,11 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     init_seed: int | None = None,
+    backend: str = "local",
     **gpt_kwargs,
 ) -> WeSaRGPTModel:
-    """Build the WeSaR GPT model for this rank's pipeline stage.
+    """Build the WeSaR GPT model for this rank's pipeline stage, its transformer layers of
+    `backend` ("local" or "transformer_engine", see get_wesar_layer_spec).
 
     `gpt_kwargs` go to GPTModel (e.g. share_embeddings_and_output_weights,
     position_embedding_type='rope'). Pre/post-process default to this rank's stage. With
@@ -228,7 +273,7 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage()
     return WeSaRGPTModel(
         config,
-        get_wesar_block_spec(config, wesar, gpt_kwargs.get("vp_stage"), init_seed),
+        get_wesar_block_spec(config, wesar, gpt_kwargs.get("vp_stage"), init_seed, backend),
         vocab_size,
         max_sequence_length,
         wesar=wesar,

@@ -129,3 +129,119 @@ def test_tp2_sp_fp8_equals_tp1_fp8():
     assert one.keys() == two.keys() and len(one) == FP8_CASE.num_gates
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=5e-5, atol=1e-8, msg=key)
+
+
+# --- driver flags (Megatron-LM's names) and the backends -----------------------------------
+
+
+def test_fp8_flags_reach_the_transformer_config():
+    from megatron_wesar.training.arguments import parse_pretrain_args
+    from megatron_wesar.training.pretrain import build_transformer_config
+
+    assert build_transformer_config(parse_pretrain_args([])).fp8 is None
+    config = build_transformer_config(parse_pretrain_args(["--fp8-format", "hybrid"]))
+    assert (config.fp8, config.fp8_recipe) == ("hybrid", "tensorwise")
+    te = parse_pretrain_args(["--transformer-impl", "transformer_engine", "--fp8-format", "e4m3",
+                              "--fp8-recipe", "delayed", "--fp8-amax-history-len", "16",
+                              "--fp8-amax-compute-algo", "max", "--fp8-param-gather"])
+    config = build_transformer_config(te)
+    assert (config.fp8, config.fp8_recipe, config.fp8_amax_history_len) == ("e4m3", "delayed", 16)
+    assert config.fp8_amax_compute_algo == "max" and config.fp8_param
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fp8-format", "hybrid", "--fp8-recipe", "delayed"],
+     "--fp8-recipe delayed needs --transformer-impl transformer_engine"),
+    (["--fp8-format", "hybrid", "--fp8-recipe", "mxfp8"], "mxfp8 needs --transformer-impl"),
+    (["--fp8-format", "hybrid", "--fp8-param-gather"], "--fp8-param-gather needs"),
+    (["--fp8-amax-history-len", "16"], "--fp8-amax-history-len need --fp8-format"),
+    (["--fp8-format", "hybrid", "--fp8-amax-compute-algo", "max"], "only apply to --fp8-recipe "
+     "delayed"),
+    (["--fp8-format", "bf16"], "--fp8-format"),
+    (["--transformer-impl", "te"], "--transformer-impl"),
+])
+def test_fp8_that_cannot_run_is_a_flag_error(argv, message, capsys):
+    """FP8 asked for where it cannot run stops at the arguments, never a silent bf16 run."""
+    from megatron_wesar.training.arguments import parse_pretrain_args
+
+    with pytest.raises(SystemExit):
+        parse_pretrain_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def _has_transformer_engine() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_transformer_engine(), reason="transformer_engine imports here")
+def test_transformer_engine_backend_without_te_names_what_to_install():
+    from megatron_wesar.config import WeSaRConfig
+    from megatron_wesar.spec import TransformerEngineUnavailableError, get_wesar_layer_spec
+
+    with pytest.raises(TransformerEngineUnavailableError, match="install it .*transformer_engine"):
+        get_wesar_layer_spec(WeSaRConfig(), backend="transformer_engine")
+
+
+def test_transformer_engine_spec_shape():
+    """The TE spec is megatron-core's TE GPT layer: norm-fused LayerNorm-linears for qkv and fc1
+    (the spec's norms IdentityOp), TE row-parallel linears and TE attention, gated like the
+    local layers (role and wesar passed)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron_wesar import spec
+    from megatron_wesar.config import WeSaRConfig
+
+    wesar = WeSaRConfig(backbone="small")
+    with mock.patch.object(spec, "require_transformer_engine"):
+        layer = spec.get_wesar_layer_spec(wesar, backend="transformer_engine")
+    sub = layer.submodules
+    attention, mlp = sub.self_attention.submodules, sub.mlp.submodules
+    assert sub.input_layernorm is IdentityOp and sub.pre_mlp_layernorm is IdentityOp
+    te = "megatron_wesar.te_layers"
+    assert attention.linear_qkv.module == (te, "GatedTELayerNormColumnParallelLinear")
+    assert mlp.linear_fc1.module == (te, "GatedTELayerNormColumnParallelLinear")
+    assert attention.linear_proj.module == (te, "GatedTERowParallelLinear")
+    assert mlp.linear_fc2.module == (te, "GatedTERowParallelLinear")
+    assert attention.core_attention[1] == "TEDotProductAttention"
+    roles = [s.params["role"] for s in (attention.linear_qkv, attention.linear_proj,
+                                        mlp.linear_fc1, mlp.linear_fc2)]
+    assert roles == ["qkv", "attn_proj", "fc1", "fc2"]
+    assert all(s.params["wesar"] is wesar for s in (attention.linear_qkv, mlp.linear_fc2))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        spec.get_wesar_layer_spec(wesar, backend="te")
+
+
+@pytest.mark.skipif(not (_has_transformer_engine() and torch.cuda.is_available()),
+                    reason="needs transformer_engine and a CUDA GPU (not installable here)")
+def test_transformer_engine_gated_model_runs_and_gates_scale():
+    """On TE: the gated TE model builds, its gates multiply (doubling every gate of a layer
+    doubles that layer's qkv output) and every gate gets a finite gradient."""
+    from megatron_wesar.layers import gate_parameters
+    from tests.helpers import oracle_harness
+
+    case = replace(Case(dtype=torch.bfloat16, swiglu=True), seq_len=16)
+    config = oracle_harness.transformer_config(case)
+    config.use_cpu_initialization = False
+    with mock.patch.object(oracle_harness, "transformer_config", lambda c: config):
+        from megatron_wesar.spec import build_gpt_model
+        from megatron_wesar.training.engine import initialize_parallel
+
+        initialize_parallel(1, 1, case.seed)
+        model = build_gpt_model(config, oracle_harness.wesar_config(case), case.vocab_size,
+                                case.seq_len, backend="transformer_engine").cuda()
+    tokens = case.global_batch(0)[:2, :-1].cuda()
+    positions = torch.arange(case.seq_len, device="cuda").expand_as(tokens)
+    qkv = model.decoder.layers[0].self_attention.linear_qkv
+    x = torch.randn(case.seq_len, 2, case.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = qkv(x)[0]
+        for gate in qkv.gates():
+            gate.mul_(2)
+        torch.testing.assert_close(qkv(x)[0], 2 * before, rtol=2e-2, atol=1e-3)
+    model(tokens, positions, None, labels=tokens).float().mean().backward()
+    grads = [g.grad for _, g in gate_parameters(model)]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

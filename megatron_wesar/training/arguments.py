@@ -27,6 +27,10 @@ from ..options import add_options, option, replace_path, section, validate_optio
 from ..sigma_regime import with_regime_sigma
 from .divergence import SPIKE_POLICIES
 
+TRANSFORMER_IMPLS = ("local", "transformer_engine")  # Megatron-LM's --transformer-impl
+FP8_FORMATS = ("e4m3", "hybrid")  # Megatron-LM's --fp8-format
+FP8_RECIPES = ("tensorwise", "delayed", "mxfp8", "blockwise")  # Megatron-LM's --fp8-recipe
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -51,9 +55,53 @@ class ModelConfig:
         "none", "an embedding-side baseline for an ungated embedding: scaled-embed (output x "
         "sqrt(d), std sqrt(2/(5d)); Takase et al. 2023) or embed-ln (a norm after the "
         "embedding; Le Scao et al. 2022)", choices=EMBEDDING_VARIANTS)
+    transformer_impl: str = option(
+        "local", "the transformer layers' linears: local (megatron-core's tensor-parallel "
+        "layers; FP8 through the torch-native backend) or transformer_engine (TE's fused "
+        "LayerNorm-linears; needs transformer_engine importable)", choices=TRANSFORMER_IMPLS)
+    fp8_format: str | None = option(
+        None, "train the transformer linears' GEMMs in FP8: e4m3 (every operand) or hybrid "
+        "(e4m3 forward, e5m2 gradients); off when absent", type=str, choices=FP8_FORMATS)
+    fp8_recipe: str = option(
+        "tensorwise", "FP8 scaling recipe: tensorwise (per-tensor dynamic scaling; the only one "
+        "of --transformer-impl local), delayed (amax history), mxfp8 or blockwise (TE only). "
+        "Megatron-LM's default is delayed", choices=FP8_RECIPES)
+    fp8_amax_history_len: int = option(
+        1, "amax history length of the delayed recipe", positive=True)
+    fp8_amax_compute_algo: str = option(
+        "most_recent", "how the delayed recipe picks the amax from its history",
+        choices=("most_recent", "max"))
+    fp8_param_gather: bool = option(
+        False, "keep parameters in FP8 and all-gather them in FP8 (TE only)")
 
     def __post_init__(self):
         validate_options(self)
+        self.check_fp8()
+
+    def check_fp8(self) -> None:
+        """ValueError for FP8 settings that cannot run together: FP8 options without
+        --fp8-format, or what the torch-native backend of --transformer-impl local lacks (FP8
+        is never silently dropped)."""
+        defaults = ModelConfig.__dataclass_fields__
+        delayed_only = [flag for flag, name in (
+            ("--fp8-amax-history-len", "fp8_amax_history_len"),
+            ("--fp8-amax-compute-algo", "fp8_amax_compute_algo"),
+        ) if getattr(self, name) != defaults[name].default]
+        if self.fp8_format is None:
+            given = delayed_only + ["--fp8-param-gather"] * self.fp8_param_gather
+            if given:
+                raise ValueError(f"{', '.join(given)} need --fp8-format")
+            return
+        if delayed_only and self.fp8_recipe != "delayed":
+            raise ValueError(f"{', '.join(delayed_only)} only apply to --fp8-recipe delayed")
+        if self.transformer_impl == "local":
+            if self.fp8_recipe != "tensorwise":
+                raise ValueError(
+                    f"--fp8-recipe {self.fp8_recipe} needs --transformer-impl "
+                    "transformer_engine; the torch-native FP8 backend of --transformer-impl "
+                    "local implements --fp8-recipe tensorwise")
+            if self.fp8_param_gather:
+                raise ValueError("--fp8-param-gather needs --transformer-impl transformer_engine")
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,11 @@ def build_transformer_config(config: PretrainConfig) -> TransformerConfig:
         activation_func=F.silu if model.swiglu else F.gelu,
         normalization=model.normalization,
         init_method_std=config.wesar.init_method_std,
+        fp8=model.fp8_format,
+        fp8_recipe=model.fp8_recipe,
+        fp8_amax_history_len=model.fp8_amax_history_len,
+        fp8_amax_compute_algo=model.fp8_amax_compute_algo,
+        fp8_param=model.fp8_param_gather,
     )
 
 
@@ -169,6 +174,7 @@ def pretrain(config: PretrainConfig, log=print) -> list[dict]:
         init_seed=training.seed,
         position_embedding_type=model.position_embedding_type,
         embedding_variant=model.embedding_variant,
+        backend=model.transformer_impl,
         override_opt_param_scheduler=config.checkpoint.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=config.checkpoint.use_checkpoint_opt_param_scheduler,
     )
