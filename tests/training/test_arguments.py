@@ -232,7 +232,8 @@ def test_every_example_is_a_tested_launch_script():
 
 
 @pytest.mark.parametrize("script, old, new, error", [
-    ("pretrain_13b_multinode.sh", "--bf16", "--fp8-format hybrid", SystemExit),
+    ("pretrain_13b_multinode.sh", "--bf16", "--fp8-format hybrid --fp8-recipe delayed",
+     SystemExit),  # the delayed recipe needs --transformer-impl transformer_engine
     ("pretrain_13b_multinode.sh", "--nproc-per-node 8", "--nproc-per-node 6", ValueError),
     ("pretrain_13b_multinode.sh", '"$DATA"', '"$CORPUS"', KeyError),
     ("pretrain_130m.sh", "--lr 1e-3", "--lr 1e-3 --tensor-model-parallel-size 8", AssertionError),
