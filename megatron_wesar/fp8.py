@@ -219,3 +219,12 @@ def weight_stats(weight: torch.Tensor, recipe: Fp8Recipe, group=None) -> QuantSt
             dist.all_reduce(sums, group=group)
         rel = (sums[0] / sums[1].clamp_min(1e-300)).sqrt()
     return QuantStats(float(amax), float(d), float(rel))
+
+
+def model_weight_stats(model: torch.nn.Module) -> dict:
+    """{module name: QuantStats of its W_bar} for every layer of `model` running in torch-native
+    FP8 (a fused layer's matrices share one per-tensor scale, so one entry per layer); collective
+    over each layer's TP group, so call it on every rank."""
+    return {name: weight_stats(module.weight, module.fp8_recipe, module.tp_group)
+            for name, module in model.named_modules()
+            if getattr(module, "fp8_recipe", None) is not None}

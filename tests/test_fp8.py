@@ -13,6 +13,7 @@ from megatron_wesar.fp8 import (
     amaxes,
     check_supported,
     fp8_linear,
+    model_weight_stats,
     quantize,
     recipe_for,
     weight_stats,
@@ -99,7 +100,8 @@ def test_unsupported_fp8_is_a_clear_error(overrides, needle):
 
 
 def _fp8_case(rank, world_size, case):
-    """run_megatron_case with the transformer linears in torch-native hybrid FP8."""
+    """run_megatron_case with the transformer linears in torch-native hybrid FP8, plus the FP8
+    statistics of the initial weights."""
     from tests.helpers import oracle_harness
 
     plain = oracle_harness.transformer_config
@@ -110,12 +112,17 @@ def _fp8_case(rank, world_size, case):
         return config
 
     with mock.patch.object(oracle_harness, "transformer_config", fp8_config):
-        return oracle_harness.run_megatron_case(rank, world_size, case)
+        stats = model_weight_stats(oracle_harness.build_case_model(case))
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        return {**oracle_harness.run_megatron_case(rank, world_size, case), "stats": stats}
 
 
 # one step: a later step compares Adam updates, which amplify rounding flips of near-zero gradients
 # (the key bias's gradient is zero in exact arithmetic) to whole learning-rate steps
-FP8_CASE = Case(dtype=torch.float32, steps=1, swiglu=True, num_query_groups=2, seq_len=16)
+FP8_CASE = Case(dtype=torch.float32, steps=1, swiglu=True, num_query_groups=2, seq_len=16,
+                micro_batches=1)
 
 
 @pytest.mark.parallel
@@ -125,6 +132,12 @@ def test_tp2_sp_fp8_equals_tp1_fp8():
     tp1 = run_distributed(_fp8_case, 1, FP8_CASE)[0]
     tp2 = run_distributed(_fp8_case, 2, replace(FP8_CASE, tp=2, sp=True))[0]
     assert tp1["losses"] == pytest.approx(tp2["losses"], rel=1e-6)
+    # statistics of the whole matrices: the same at both layouts, one entry per FP8 layer
+    assert len(tp1["stats"]) == 4 * FP8_CASE.num_layers
+    for name, stats in tp1["stats"].items():
+        assert tp2["stats"][name].amax == stats.amax
+        assert tp2["stats"][name].rel_error == pytest.approx(stats.rel_error, rel=1e-9)
+        assert 0.01 < stats.rel_error < 0.05
     (one,), (two,) = tp1["gate_grads"], tp2["gate_grads"]
     assert one.keys() == two.keys() and len(one) == FP8_CASE.num_gates
     for key in one:
