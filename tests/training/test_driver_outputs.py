@@ -269,7 +269,8 @@ def test_no_wesar_has_no_gates_and_no_lr_multiplier(driver):
 
 
 @pytest.mark.parallel
-def test_preset_models_have_six_gates_per_layer_plus_embedding_and_output(driver):
-    # q, k, v, attention output, fc1, fc2 per layer (GeLU presets)
-    assert driver["gates"] == {"130m": 6 * 12 + 2, "1.3b": 6 * 24 + 2, "13b": 6 * 40 + 2,
+def test_preset_models_have_six_gates_per_layer_plus_embeddings_and_output(driver):
+    # q, k, v, attention output, fc1, fc2 per layer (GeLU presets), the word embedding, the
+    # learned position table and the output layer; --no-wesar-gate-embedding ungates both inputs
+    assert driver["gates"] == {"130m": 6 * 12 + 3, "1.3b": 6 * 24 + 3, "13b": 6 * 40 + 3,
                                "13b_no_embedding_gate": 6 * 40 + 1, "13b_no_wesar": 0}
