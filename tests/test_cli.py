@@ -1,5 +1,6 @@
 """The `megatron-wesar` command starts quietly: megatron-core's accelerator notices become one
-line, said once (not by other ranks, not again by torchrun's children)."""
+line, said once (not by other ranks, not again by torchrun's children); an accelerator asked for
+where it is absent is one error line, not a traceback."""
 import importlib.util
 import os
 import subprocess
@@ -29,3 +30,16 @@ def test_accelerator_notices_are_one_line_once():
     assert "UserWarning" not in first and "Apex is not installed" not in first
     assert "note:" not in _help(RANK="1")  # other ranks stay silent
     assert "note:" not in _help(MEGATRON_WESAR_ACCELERATOR_NOTICE_SAID="1")  # torchrun children
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
+                    reason="the error is about Transformer Engine being absent")
+def test_transformer_engine_asked_for_where_absent_is_one_error_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_wesar", "pretrain", "--preset", "tiny",
+         "--transformer-impl", "transformer_engine", "--train-iters", "1"],
+        capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "needs NVIDIA Transformer Engine" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr

@@ -22,6 +22,7 @@ from ..compat.megatron_core import forked_processes_die_with_this_one
 from ..coordination import gather_stage_dicts
 from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
 from ..data.tokenizers import build_tokenizer
+from ..fp8 import Fp8UnavailableError
 from ..instability import InstabilityMonitor
 from ..metric_keys import (
     ATTN_LOGIT_MAX,
@@ -32,6 +33,7 @@ from ..metric_keys import (
     SPIKE_FLAG_PREFIX,
 )
 from ..monitor import GateTrajectory, SpikeTracker, UpdateRatioMonitor
+from ..spec import TransformerEngineUnavailableError
 from .arguments import PretrainConfig, parse_pretrain_args
 from .checkpointing import (
     CheckpointError,
@@ -365,7 +367,8 @@ def format_progress(record: dict, train_iters: int) -> str:
 
 
 # errors that end a run for a reason the message states in full (no traceback needed)
-RUN_ERRORS = (NonFiniteStepError, RewindLimitError, CheckpointError, CheckpointMismatchError)
+RUN_ERRORS = (NonFiniteStepError, RewindLimitError, CheckpointError, CheckpointMismatchError,
+              TransformerEngineUnavailableError, Fp8UnavailableError)
 
 
 def main(argv=None) -> int:
