@@ -249,8 +249,8 @@ def _assert_full_state(ours, theirs):
     and the Adam step."""
     weights = [k for k in theirs if not k.startswith("optimizer.")]
     gates = [k for k in weights if _is_gate(k)]
-    # q, k, v, proj, fc1, fc2 (each stacked over layers), embedding, output
-    assert len(gates) == 8, gates
+    # q, k, v, proj, fc1, fc2 (each stacked over layers), word embedding, positions, output
+    assert len(gates) == 9, gates
     expected = sorted(weights + ["optimizer.state.common_step"] + [
         f"optimizer.state.{moment}.{k}" for moment in ("exp_avg", "exp_avg_sq") for k in weights])
     assert sorted(theirs) == expected and sorted(ours) == expected
