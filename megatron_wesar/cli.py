@@ -12,8 +12,8 @@ DEMO_ARGS = ["--preset", "tiny", "--dir", "out/demo", "--rerun"]
 
 
 def run_demo() -> int:
-    """The study's tiny preset: 4 methods x 5 peak LRs, TP=2 (sequence parallel) on two local
-    CPU ranks, then the report (out/demo/report.md)."""
+    """The study's tiny preset: 4 methods x 3 peak LRs on seed 1, seeds 2 and 3 at the selected
+    LRs, TP=2 on two local CPU ranks, then the report (out/demo/report.md)."""
     import os
     import time
 
