@@ -137,10 +137,12 @@ class GateScale(torch.autograd.Function):
         grad_x = grad * scale.to(grad.dtype) if ctx.needs_input_grad[0] else None
         columns = grad.shape[-1]
         grad_rows = grad.reshape(-1, columns)
-        grad_bias = grad_rows.sum(0) if ctx.needs_input_grad[2] else None
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        # the bias gradient, also needed to take the bias out of y: one pass over grad
+        column_sums = grad_rows.sum(0, dtype=acc) if bias is not None else None
+        grad_bias = column_sums.to(grad.dtype) if ctx.needs_input_grad[2] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            acc = torch.promote_types(grad.dtype, torch.float32)
             if ctx.recompute is not None:
                 with torch.no_grad():
                     x = ctx.recompute()
@@ -149,7 +151,7 @@ class GateScale(torch.autograd.Function):
                 grad_scale = _sum_of_products(grad_rows, y.reshape(-1, columns), scale, acc)
                 if bias is not None:
                     grad_scale = grad_scale - _sum_of_products(
-                        grad_rows.sum(0, keepdim=True, dtype=acc), bias.reshape(1, -1), scale, acc)
+                        column_sums.reshape(1, -1), bias.reshape(1, -1), scale, acc)
                 grad_scale = grad_scale / scale.to(acc)
             grad_scale = grad_scale.reshape(scale.shape).to(scale.dtype)
         return grad_x, grad_scale, grad_bias, None
