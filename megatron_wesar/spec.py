@@ -45,6 +45,7 @@ from .norm import TorchNorm
 
 BACKENDS = ("local", "transformer_engine")  # Megatron-LM's --transformer-impl
 _TE_LAYERS = "megatron_wesar.te_layers"
+_TE_EXTENSIONS = "megatron.core.extensions.transformer_engine"  # megatron-core's TE wrappers
 
 
 class TransformerEngineUnavailableError(ImportError):
@@ -107,7 +108,7 @@ def get_wesar_layer_spec(wesar: WeSaRConfig, init_seed: int | None = None,
         require_transformer_engine()
         column_cls = (_TE_LAYERS, "GatedTELayerNormColumnParallelLinear")
         row_cls = (_TE_LAYERS, "GatedTERowParallelLinear")
-        attention = ("megatron.core.extensions.transformer_engine", "TEDotProductAttention")
+        attention = (_TE_EXTENSIONS, "TEDotProductAttention")
         norm = IdentityOp
     else:
         column_cls, row_cls = GatedColumnParallelLinear, GatedRowParallelLinear
@@ -152,7 +153,7 @@ def get_wesar_block_spec(config, wesar: WeSaRConfig, vp_stage: int | None = None
     norm (TorchNorm; TE's TENorm with backend "transformer_engine")."""
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     layer = get_wesar_layer_spec(wesar, init_seed, backend)
-    final_norm = (("megatron.core.extensions.transformer_engine", "TENorm")
+    final_norm = ((_TE_EXTENSIONS, "TENorm")
                   if backend == "transformer_engine" else TorchNorm)
     return ModuleSpec(
         module=TransformerBlock,
