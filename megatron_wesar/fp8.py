@@ -181,10 +181,9 @@ class Fp8GatedLinear(torch.autograd.Function):
             if ctx.fused:
                 weight = ctx.weight
                 weight.main_grad.add_(grad_w_bar.to(weight.main_grad.dtype))
-                grad_weight = torch.zeros_like(weight) if hasattr(
-                    weight, "grad_added_to_main_grad") else None
-                if grad_weight is not None:
+                if hasattr(weight, "grad_added_to_main_grad"):  # megatron DDP's protocol
                     weight.grad_added_to_main_grad = True
+                    grad_weight = torch.zeros_like(weight)
             else:
                 grad_weight = grad_w_bar.to(ctx.weight_dtype)
         return grad_x, grad_weight, grad_scale, None, None, None
