@@ -20,8 +20,9 @@ def _unsupported(args) -> list:
         ("num_experts", "--num-experts (MoE): the experts' linears are not gated"),
         ("mtp_num_layers", "--mtp-num-layers (multi-token prediction): the MTP block is not "
          "gated"),
-        ("fp8", "--fp8: FP8 needs Transformer Engine layers and there are no gated TE layers; "
-         "train in bf16"),
+        ("fp8", "--fp8-format: the plug-in builds the local gated layers and does not carry "
+         "Megatron-LM's FP8 settings to them (megatron_wesar's own `pretrain` runs FP8: "
+         "docs/fp8.md); train in bf16"),
         ("spec", "--spec: the plug-in builds its own gated layer spec; drop --spec (or use "
          "--spec megatron_wesar.megatron_lm wesar_layer_spec with pretrain_gpt.py itself)"),
         ("multi_latent_attention", "--multi-latent-attention: MLA's linears are not gated"),
