@@ -22,12 +22,7 @@ import torch
 from ..data.tokenizers import build_tokenizer
 from ..training.arguments import ParallelConfig, PretrainConfig, pretrain_config
 from ..training.checkpointing import save_checkpoint
-from ..training.engine import LRSchedule, build_engine
-from ..training.pretrain import (
-    build_optimizer_config,
-    build_transformer_config,
-    padded_vocab_size,
-)
+from ..training.pretrain import build_run_engine, build_transformer_config, padded_vocab_size
 from .fold import EMBEDDING_WEIGHT, OUTPUT_WEIGHT, unfold_into
 from .hf_layout import GPT2, Shape, UnsupportedArchitectureError, from_hf, shape_from_hf
 
@@ -128,7 +123,7 @@ def import_hf(directory: str, overrides: dict, preset: str = "tiny",
     _pad_vocabulary(state, vocab)
     whole = replace(config, parallel=ParallelConfig(
         use_distributed_optimizer=config.parallel.use_distributed_optimizer))
-    engine = _engine(whole, vocab)
+    engine = build_run_engine(whole, vocab)  # pretrain's engine: its resume finds its schedule
     for key, value in engine.module.state_dict().items():
         if key not in state and key.endswith(".bias") and ".linear_" in key:
             state[key] = torch.zeros_like(value)  # a bias the HF model does not have
@@ -154,18 +149,3 @@ def _fresh_adam_state(optimizer) -> None:
                 inner.state[param].update(exp_avg=torch.zeros_like(param),
                                           exp_avg_sq=torch.zeros_like(param),
                                           step=torch.tensor(FRESH_ADAM_STEP))
-
-
-def _engine(config: PretrainConfig, vocab: int):
-    """The engine `pretrain` builds for `config` (the same optimizer and LR schedule, so that
-    its resume finds the schedule it runs)."""
-    model, training, checkpoint = config.model, config.training, config.checkpoint
-    return build_engine(
-        build_transformer_config(config), config.wesar, vocab, model.seq_length,
-        build_optimizer_config(config),
-        LRSchedule(training.effective_lr_warmup_iters, training.train_iters, "cosine"),
-        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
-        init_seed=training.seed, position_embedding_type=model.position_embedding_type,
-        embedding_variant=model.embedding_variant,
-        override_opt_param_scheduler=checkpoint.override_opt_param_scheduler,
-        use_checkpoint_opt_param_scheduler=checkpoint.use_checkpoint_opt_param_scheduler)

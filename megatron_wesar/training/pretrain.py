@@ -158,17 +158,29 @@ def pretrain(config: PretrainConfig, log=print) -> list[dict]:
     log stops the run there with NonFiniteStepError); SIGTERM / SIGINT end the run after the
     current step with a checkpoint (--exit-signal-handler).
     """
-    model, training, parallel = config.model, config.training, config.parallel
+    training, parallel = config.training, config.parallel
     init_distributed()
     forked_processes_die_with_this_one()  # megatron's checkpoint writers are forked
     dp_size = config.data_parallel_size(dist.get_world_size())
     tp = parallel.tensor_model_parallel_size
     initialize_parallel(tp, parallel.pipeline_model_parallel_size, training.seed)
     data = build_data(config)
-    engine = build_engine(
+    engine = build_run_engine(config, padded_vocab_size(data.vocab_size, tp))
+    with save_directory_lock(config.checkpoint.save), \
+            ExitSignalHandler(training.exit_signal_handler) as signals:
+        records = TrainingLoop(config, engine, data, dp_size, signals, log).run()
+    parallel_state.destroy_model_parallel()
+    return records
+
+
+def build_run_engine(config: PretrainConfig, vocab_size: int):
+    """The engine (model, DDP, optimizer, LR schedule) a run of `config` trains, for a
+    vocabulary of `vocab_size` (padded); megatron's parallel state must be initialised."""
+    model, training, checkpoint = config.model, config.training, config.checkpoint
+    return build_engine(
         build_transformer_config(config),
         config.wesar,
-        padded_vocab_size(data.vocab_size, tp),
+        vocab_size,
         model.seq_length,
         build_optimizer_config(config),
         LRSchedule(training.effective_lr_warmup_iters, training.train_iters, "cosine"),
@@ -177,14 +189,9 @@ def pretrain(config: PretrainConfig, log=print) -> list[dict]:
         position_embedding_type=model.position_embedding_type,
         embedding_variant=model.embedding_variant,
         backend=model.transformer_impl,
-        override_opt_param_scheduler=config.checkpoint.override_opt_param_scheduler,
-        use_checkpoint_opt_param_scheduler=config.checkpoint.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=checkpoint.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=checkpoint.use_checkpoint_opt_param_scheduler,
     )
-    with save_directory_lock(config.checkpoint.save), \
-            ExitSignalHandler(training.exit_signal_handler) as signals:
-        records = TrainingLoop(config, engine, data, dp_size, signals, log).run()
-    parallel_state.destroy_model_parallel()
-    return records
 
 
 class TrainingLoop:
