@@ -3,14 +3,17 @@
 One metrics record is a flat dict (one JSONL line); megatron_wesar.monitor documents what each
 key holds. `<matrix>` is a logical matrix such as `decoder.layers.3.self_attention.linear_qkv.q`,
 `<role>` one of megatron_wesar.init.ROLES, `<series>` one of SPIKE_SERIES and `<rule>` one of
-SPIKE_RULES.
+SPIKE_RULES[<series>].
 """
 from __future__ import annotations
 
 from .init import ROLES
 
 SPIKE_SERIES = ("loss", "grad_norm")
-SPIKE_RULES = ("megatron", "zscore", "relmin")  # the names of monitor.default_rules, in order
+# the rules monitor.default_rules(series) runs on each series, in order: the gradient norm is
+# noisy step to step (its running minimum is an outlier), so it is compared with its running median
+SPIKE_RULES = {"loss": ("megatron", "zscore", "relmin"),
+               "grad_norm": ("megatron", "zscore", "relmedian")}
 
 SPIKE_FLAG_PREFIX = "spike/"    # spike/<series>/<rule>: 1.0 when the rule flags this step
 SPIKE_COUNT_PREFIX = "spikes/"  # spikes/<series>/<rule>: spikes flagged so far

@@ -1,10 +1,11 @@
 """Monitors for loss-spike stability studies: spike detectors, update ratios, gate and norm stats.
 
-Spike detectors (`MegatronRule`, `ZScoreRule`, `RelativeMinRule`) are pure-Python, deterministic
-rules over a host-side scalar series (loss, gradient norm); `SpikeTracker` runs all three on
-several named series. `UpdateRatioMonitor` measures ||dW_eff|| / ||W_eff|| and ||W_eff|| of every
-gated matrix (W_eff = gate * W_bar) on the training device, TP-aware, with ONE all-reduce per
-measurement; `GateTrajectory` records the gate values at the steps asked for.
+Spike detectors (`MegatronRule`, `ZScoreRule`, `RelativeMinRule`, `RelativeMedianRule`) are
+pure-Python, deterministic rules over a host-side scalar series (loss, gradient norm);
+`SpikeTracker` runs the rules metric_keys.SPIKE_RULES names for each series. `UpdateRatioMonitor`
+measures ||dW_eff|| / ||W_eff|| and ||W_eff|| of every gated matrix (W_eff = gate * W_bar) on the
+training device, TP-aware, with ONE all-reduce per measurement; `GateTrajectory` records the gate
+values at the steps asked for.
 
 Every method that returns floats returns a flat dict a driver can dump as one JSONL line. Keys
 (`<matrix>` is a logical matrix: the module path with global layer numbers, plus the part of a
@@ -13,7 +14,8 @@ fused weight, e.g. `decoder.layers.3.self_attention.linear_qkv.q` (.k, .v),
 `output_layer`; `<role>` is one of megatron_wesar.init.ROLES present on this rank's pipeline
 stage):
 
-    SpikeTracker.update    spike/<series>/<rule>        1.0 when the rule flags this step, else 0.0
+    SpikeTracker.update    spike/<series>/<rule>        (rules: metric_keys.SPIKE_RULES[<series>])
+                                                        1.0 when the rule flags this step, else 0.0
     SpikeTracker.counts    spikes/<series>/<rule>       number of spikes flagged so far
     UpdateRatioMonitor.read
                            update_ratio/<matrix>        ||W_eff(after) - W_eff(before)||
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +49,7 @@ import torch.distributed as dist
 from .init import ROLES
 from .metric_keys import (
     GATE_PREFIX,
+    SPIKE_RULES,
     SPIKE_SERIES,
     UPDATE_RATIO,
     WEIGHT_NORM,
@@ -61,7 +65,9 @@ __all__ = [
     "SpikeRule",
     "MegatronRule",
     "ZScoreRule",
+    "RelativeRule",
     "RelativeMinRule",
+    "RelativeMedianRule",
     "default_rules",
     "SpikeTracker",
     "gated_matrices",
@@ -164,11 +170,12 @@ class ZScoreRule(SpikeRule):
         self.history.append(value)
 
 
-class RelativeMinRule(SpikeRule):
-    """Spike when value > factor x the minimum of the previous `window` finite values, once the
-    window is full (and `warmup` observations are seen)."""
+class RelativeRule(SpikeRule):
+    """Spike when value > factor x a reference statistic (`statistic`, named `reference`) of the
+    previous `window` finite values, once the window is full (and `warmup` observations are
+    seen)."""
 
-    name = "relmin"
+    reference = ""
 
     def __init__(self, window: int = 50, factor: float = 1.5, warmup: int = 0):
         super().__init__()
@@ -176,29 +183,62 @@ class RelativeMinRule(SpikeRule):
         self.history: deque = deque(maxlen=window)
 
     def describe(self) -> str:
-        return (f"{self.name}: value > {self.factor:g} x min of the previous {self.window} "
-                f"values, once the window is full (warm-up {self.warmup}); non-finite values "
-                "are spikes")
+        return (f"{self.name}: value > {self.factor:g} x {self.reference} of the previous "
+                f"{self.window} values, once the window is full (warm-up {self.warmup}); "
+                "non-finite values are spikes")
+
+    def statistic(self, values) -> float:
+        """The reference statistic of the window."""
+        raise NotImplementedError
 
     def _check(self, value):
         if self.count < self.warmup or len(self.history) < self.window:
             return False
-        return value > self.factor * min(self.history)
+        return value > self.factor * self.statistic(self.history)
 
     def _observe(self, value):
         self.history.append(value)
 
 
-def default_rules() -> list[SpikeRule]:
-    """Fresh instances of the three rules with their default parameters."""
-    return [MegatronRule(), ZScoreRule(), RelativeMinRule()]
+class RelativeMinRule(RelativeRule):
+    """Spike when value > factor x the minimum of the previous `window` finite values: for the
+    loss, whose running minimum is where training got to."""
+
+    name, reference = "relmin", "min"
+
+    def statistic(self, values) -> float:
+        return min(values)
+
+
+class RelativeMedianRule(RelativeRule):
+    """Spike when value > factor x the median of the previous `window` finite values: for the
+    gradient norm, whose running minimum is an outlier of a noisy series (at the tiny scale the
+    relmin rule flagged 13-44% of all gradient-norm steps, docs/tiny-scale-findings.md)."""
+
+    name, reference = "relmedian", "median"
+
+    def __init__(self, window: int = 50, factor: float = 3.0, warmup: int = 0):
+        super().__init__(window, factor, warmup)
+
+    def statistic(self, values) -> float:
+        return statistics.median(values)
+
+
+_RULES = {rule.name: rule for rule in (MegatronRule, ZScoreRule, RelativeMinRule,
+                                       RelativeMedianRule)}
+
+
+def default_rules(series: str = "loss") -> list[SpikeRule]:
+    """Fresh instances of the rules SPIKE_RULES names for `series`, with default parameters."""
+    return [_RULES[name]() for name in SPIKE_RULES[series]]
 
 
 class SpikeTracker:
-    """Runs its own copy of the rules (default: `default_rules`) on each named series."""
+    """Runs its own copy of the rules (`rules(series)`, default: `default_rules`) on each named
+    series."""
 
     def __init__(self, series=SPIKE_SERIES, rules=default_rules):
-        self.rules = {name: rules() for name in series}
+        self.rules = {name: rules(name) for name in series}
 
     def update(self, step: int, **values) -> dict:
         """Feed the series given by keyword (None skips one); {spike/<series>/<rule>: 0.0|1.0}."""
@@ -216,8 +256,9 @@ class SpikeTracker:
                 for s, rules in self.rules.items() for r in rules}
 
     def describe(self) -> list[str]:
-        """The rules in words (the same for every series)."""
-        return [r.describe() for r in next(iter(self.rules.values()), [])]
+        """The rules in words, per series: "<series>: <rule text>"."""
+        return [f"{series}: {r.describe()}" for series, rules in self.rules.items()
+                for r in rules]
 
 
 # --------------------------------------------------------------------------- gated matrices

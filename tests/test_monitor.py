@@ -12,6 +12,7 @@ from megatron_wesar.layers import MatrixPart
 from megatron_wesar.monitor import (
     GateTrajectory,
     MegatronRule,
+    RelativeMedianRule,
     RelativeMinRule,
     SpikeTracker,
     UpdateRatioMonitor,
@@ -42,7 +43,7 @@ def run_rule(rule, series):
     return rule.spikes
 
 
-RULES = [MegatronRule, ZScoreRule, RelativeMinRule]
+RULES = [MegatronRule, ZScoreRule, RelativeMinRule, RelativeMedianRule]
 
 
 # --------------------------------------------------------------------------- spike rules
@@ -90,6 +91,20 @@ def test_window_and_warmup_parameters():
     assert run_rule(ZScoreRule(window=31, warmup=0), noisy) == []
     assert run_rule(RelativeMinRule(window=30), [2.0] * 29 + [1.0, 1.6]) == [30]
     assert run_rule(RelativeMinRule(window=30), [2.0] * 29 + [1.0, 1.5]) == []  # strictly above
+    # the median of 15 x 1.0 and 15 x 3.0 is 2.0: 6.1 > 3 x 2.0, 6.0 is not
+    median = [1.0, 3.0] * 15
+    assert run_rule(RelativeMedianRule(window=30), median + [6.1]) == [30]
+    assert run_rule(RelativeMedianRule(window=30), median + [6.0]) == []
+    assert run_rule(RelativeMedianRule(window=31), median + [6.1]) == []
+
+
+def test_relmedian_ignores_a_noisy_gradient_norm_that_relmin_flags():
+    """A gradient norm that swings 2x step to step (as after a high-LR blow-up at the tiny scale)
+    is not a spike; 4x its typical value is."""
+    noisy = [1.0 if t % 7 else 0.4 for t in range(200)]
+    noisy[150] = 4.0
+    assert len(run_rule(RelativeMinRule(), noisy)) > 100
+    assert run_rule(RelativeMedianRule(), noisy) == [150]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
@@ -106,13 +121,16 @@ def test_rules_describe_themselves_and_tracker_keys():
     assert "10 x max of the first 100" in texts[0]
     assert "previous 64 values > 6" in texts[1]
     assert "1.5 x min of the previous 50" in texts[2]
+    assert "3 x median of the previous 50" in default_rules("grad_norm")[2].describe()
     tracker = SpikeTracker()
+    assert tracker.describe()[2].startswith("loss: relmin")
+    assert tracker.describe()[5].startswith("grad_norm: relmedian")
     for step, (loss, norm) in enumerate(zip(smooth_loss(), smooth_grad_norm())):
         out = tracker.update(step, loss=loss, grad_norm=norm if step != 400 else float("nan"))
-    assert set(out) == {f"spike/{s}/{r}" for s in ("loss", "grad_norm")
-                        for r in ("megatron", "zscore", "relmin")}
+    assert set(out) == {f"spike/loss/{r}" for r in ("megatron", "zscore", "relmin")} | {
+        f"spike/grad_norm/{r}" for r in ("megatron", "zscore", "relmedian")}
     assert tracker.update(STEPS, loss=None, grad_norm=1.0).keys() == {
-        "spike/grad_norm/megatron", "spike/grad_norm/zscore", "spike/grad_norm/relmin"}
+        "spike/grad_norm/megatron", "spike/grad_norm/zscore", "spike/grad_norm/relmedian"}
     counts = tracker.counts()
     assert counts["spikes/grad_norm/zscore"] == 1.0 and counts["spikes/loss/zscore"] == 0.0
 

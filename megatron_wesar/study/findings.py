@@ -308,10 +308,11 @@ def _spike_sentences(summary: Summary, methods: list) -> list:
     """How often the spike rules fired, or that none did and no loss was non-finite."""
     runs = summary["runs"]
     total = {(s, r): sum(int(x["spikes"].get(s, {}).get(r, 0)) for x in runs)
-             for s in SPIKE_SERIES for r in SPIKE_RULES}
+             for s in SPIKE_SERIES for r in SPIKE_RULES[s]}
     nonfinite = sum(x.get("nonfinite_steps", 0) for x in runs)
     if not any(total.values()) and not nonfinite:
-        return [f"No spikes: no rule ({', '.join(SPIKE_RULES)}) flagged any step of the loss or "
+        rules = "; ".join(f"{s}: {', '.join(SPIKE_RULES[s])}" for s in SPIKE_SERIES)
+        return [f"No spikes: no rule ({rules}) flagged any step of the loss or "
                 f"of the gradient norm in any of the {len(runs)} runs, and no loss was "
                 "non-finite."]
     return [_spike_text(summary, methods, total, nonfinite)]
@@ -348,7 +349,8 @@ def _rule_window_sentences(summary: Summary, methods: list) -> list:
              else f"which wait for the first {megatron.window} and {zscore.warmup} steps")
     if iters and iters <= late:
         return [f"With {iters} steps per run, the megatron and zscore rules ({waits}) "
-                "cannot flag any step here; only relmin can."]
+                "cannot flag any step here; only the relative rules (" + ", ".join(
+                    SPIKE_RULES[s][-1] for s in SPIKE_SERIES) + ") can."]
     if iters and iters <= late + zscore.window:
         return [f"With {iters} steps per run, the megatron and zscore rules ({waits}) "
                 f"only see the last {iters - late} steps of each run."]
@@ -406,11 +408,12 @@ def _spike_text(summary: Summary, methods: list, total: dict, nonfinite: int) ->
     no rule flagged is said plainly to have no spikes."""
     runs = summary["runs"]
     all_steps = sum(r.get("steps") or 0 for r in runs)
-    rules = ", ".join(SPIKE_RULES)
     names = {"loss": "training loss", "grad_norm": "gradient norm"}
     out = []
     for series in SPIKE_SERIES:
-        fired = {rule: total[(series, rule)] for rule in SPIKE_RULES if total[(series, rule)]}
+        fired = {rule: total[(series, rule)] for rule in SPIKE_RULES[series]
+                 if total[(series, rule)]}
+        rules = ", ".join(SPIKE_RULES[series])
         if not fired:
             out.append(f"No {names.get(series, series)} spikes: no rule ({rules}) flagged a "
                        f"step of the {names.get(series, series)} in any of the {len(runs)} runs.")
@@ -434,7 +437,7 @@ def _spike_text(summary: Summary, methods: list, total: dict, nonfinite: int) ->
                 text += (" (by method: " + ", ".join(f"{m} {n}" for m, n in per_method.items())
                          + ")")
             sentences.append(text)
-        quiet = [rule for rule in SPIKE_RULES if rule not in fired]
+        quiet = [rule for rule in SPIKE_RULES[series] if rule not in fired]
         text = "Spike rules fired on the " + names.get(series, series) + ": " + "; ".join(
             sentences) + "."
         if quiet:

@@ -96,7 +96,7 @@ def render_report(study_dir: str, summary: Summary | None = None) -> str:
                     "to compare.\n")
         return path
     has_gates = draw_figures(study_dir, summary)
-    from ..monitor import default_rules
+    from ..monitor import SpikeTracker
 
     bb = summary.get("best_baseline")
     sections = [_header(summary, study)]
@@ -143,7 +143,7 @@ def render_report(study_dir: str, summary: Summary | None = None) -> str:
         table_stability(summary),
         "## Spike counts per rule",
         "Summed over every run of a method (all LRs and seeds). Rules (from "
-        "megatron_wesar.monitor): " + "; ".join(r.describe() for r in default_rules()) + ".",
+        "megatron_wesar.monitor): " + "; ".join(SpikeTracker().describe()) + ".",
         table_spikes(summary),
         "Gradient norms do not compare across methods: WeSaR's W_bar gradient is alpha times "
         "the effective weight's gradient.",

@@ -70,7 +70,7 @@ def table_spikes(summary: Summary) -> str:
     loss rise above its running minimum and the largest gradient norm."""
     methods = methods_in_order(summary)
     acted = any(r.get("skipped_steps") or r.get("rewinds") for r in summary["runs"])
-    header = ["method", "runs"] + [f"{s} / {r}" for s in SPIKE_SERIES for r in SPIKE_RULES] + [
+    header = ["method", "runs"] + [f"{s} / {r}" for s in SPIKE_SERIES for r in SPIKE_RULES[s]] + [
         "non-finite steps"] + (["skipped steps", "rewinds"] if acted else []) + [
         "max loss / running min: best LR", "any LR", "max grad norm (any LR)"]
     rows = []
@@ -78,7 +78,7 @@ def table_spikes(summary: Summary) -> str:
         runs = [r for r in summary["runs"] if m == r["method"]]
         row = [m, len(runs)]
         for series in SPIKE_SERIES:
-            for rule in SPIKE_RULES:
+            for rule in SPIKE_RULES[series]:
                 row.append(sum(int(r["spikes"].get(series, {}).get(rule, 0)) for r in runs))
         row.append(sum(r.get("nonfinite_steps", 0) for r in runs))
         if acted:

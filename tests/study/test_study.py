@@ -77,12 +77,13 @@ def test_summary_of_the_fixture(study_dir):
     assert _run(summary, "small", 3e-3)["steps_to_best_baseline"] is None
     assert _run(summary, "he", 3e-3)["steps_to_best_baseline"] is None
     # spikes: the driver's running counts at the last logged step
-    zero = {"megatron": 0, "zscore": 0, "relmin": 0}
-    assert _run(summary, "he", 1e-2)["spikes"] == {"loss": {**zero, "relmin": 1},
-                                                   "grad_norm": zero}
-    assert _run(summary, "small", 1e-2)["spikes"] == {"loss": zero,
-                                                      "grad_norm": {**zero, "megatron": 2}}
-    assert _run(summary, "wesar", 1e-3)["spikes"] == {"loss": zero, "grad_norm": zero}
+    loss0 = {"megatron": 0, "zscore": 0, "relmin": 0}
+    norm0 = {"megatron": 0, "zscore": 0, "relmedian": 0}
+    assert _run(summary, "he", 1e-2)["spikes"] == {"loss": {**loss0, "relmin": 1},
+                                                   "grad_norm": norm0}
+    assert _run(summary, "small", 1e-2)["spikes"] == {"loss": loss0,
+                                                      "grad_norm": {**norm0, "megatron": 2}}
+    assert _run(summary, "wesar", 1e-3)["spikes"] == {"loss": loss0, "grad_norm": norm0}
     assert _run(summary, "he", 1e-2)["spike_steps"] == {"loss": {"relmin": [25]}}
     assert _run(summary, "small", 1e-2)["spike_steps"] == {"grad_norm": {"megatron": [15, 33]}}
     assert _run(summary, "he", 1e-2)["max_grad_norm"] == pytest.approx(7.5)
@@ -176,7 +177,7 @@ def test_metrics_edge_cases(tmp_path):
     assert len(metrics.steps) == 130 and metrics.evals == [] and metrics.logged == []
     counts = spike_counts(metrics)
     assert counts["loss"] == {"megatron": 1, "zscore": 1, "relmin": 1}
-    assert counts["grad_norm"] == {"megatron": 0, "zscore": 0, "relmin": 0}
+    assert counts["grad_norm"] == {"megatron": 0, "zscore": 0, "relmedian": 0}
     with open(path, "a") as f:
         f.write(json.dumps({"iteration": 131, "loss": float("nan"), "grad_norm": float("inf"),
                             "lr": 1e-3}) + "\n")
@@ -264,7 +265,8 @@ def test_report_says_no_spikes_plainly(study_dir):
         with open(path, "w") as f:
             f.writelines(json.dumps(rec) + "\n" for rec in records)
     report = open(render_report(study_dir)).read()
-    assert "No spikes: no rule (megatron, zscore, relmin) flagged any step" in report
+    assert ("No spikes: no rule (loss: megatron, zscore, relmin; grad_norm: megatron, zscore, "
+            "relmedian) flagged any step") in report
     assert "No training loss spikes" not in report  # one plain sentence when nothing fired
     assert "gates.png" not in report and not os.path.exists(os.path.join(study_dir, "gates.png"))
 
