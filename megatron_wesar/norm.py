@@ -1,10 +1,13 @@
-"""A plain-PyTorch LayerNorm / RMSNorm for megatron layer specs, with sequence parallelism."""
+"""The norms of the local layer spec: a plain-PyTorch LayerNorm / RMSNorm with sequence
+parallelism (`TorchNorm`), or megatron-core's apex-backed FusedLayerNorm where apex is here
+(`local_norm`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .accelerators import apex_available
 from .layers import parameter_device
 
 
@@ -76,3 +79,26 @@ class TorchNorm(torch.nn.Module):
             f"zero_centered_gamma={self.zero_centered_gamma}, "
             f"sequence_parallel={self.sequence_parallel}"
         )
+
+
+class ApexFusedNorm:
+    """megatron-core's apex-backed FusedLayerNorm, built as TorchNorm is
+    (`ApexFusedNorm(config, hidden_size, eps=...)`), its parameters in `config.params_dtype` on
+    the device the other parameters are created on (FusedLayerNorm makes them fp32 on the CPU
+    and leaves the move to Megatron-LM's model.cuda() / Float16Module, which this package does
+    not call). FusedLayerNorm is LayerNorm only: under RMSNorm this gives a TorchNorm, as
+    megatron-core's local spec gives RMSNorm torch's norm."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs):
+        if config.normalization != "LayerNorm":
+            return TorchNorm(config, hidden_size, eps, **kwargs)
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        norm = FusedLayerNorm(config, hidden_size, eps, **kwargs)
+        return norm.to(device=parameter_device(config), dtype=config.params_dtype)
+
+
+def local_norm() -> type:
+    """The norm class of the local spec: ApexFusedNorm where apex's fused LayerNorm imports
+    (`accelerators.apex_available`), else TorchNorm."""
+    return ApexFusedNorm if apex_available() else TorchNorm

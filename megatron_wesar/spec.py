@@ -41,7 +41,7 @@ from .layers import (
     assert_gates_finite,
     gate_parameters,
 )
-from .norm import TorchNorm
+from .norm import local_norm
 
 BACKENDS = ("local", "transformer_engine")  # Megatron-LM's --transformer-impl
 _TE_LAYERS = "megatron_wesar.te_layers"
@@ -96,7 +96,8 @@ def get_wesar_layer_spec(wesar: WeSaRConfig, init_seed: int | None = None,
     The norm follows `config.normalization` (LayerNorm or RMSNorm); the MLP is GeLU or SwiGLU
     as `config.gated_linear_unit` and `config.activation_func` say. With `init_seed`, each layer's
     CPU-initialised weights depend only on (init_seed, global layer number). `backend` "local"
-    builds megatron-core's tensor-parallel layers and a TorchNorm; "transformer_engine" (raises
+    builds megatron-core's tensor-parallel layers and `norm.local_norm()` (megatron-core's apex
+    FusedLayerNorm where apex is here, else a TorchNorm); "transformer_engine" (raises
     TransformerEngineUnavailableError without TE) TE's LayerNorm-linears for qkv and fc1 (the
     layer norms fused in, so the spec's norms are IdentityOp), TE row-parallel linears and TE's
     attention, as megatron-core's get_gpt_layer_with_transformer_engine_spec.
@@ -112,7 +113,7 @@ def get_wesar_layer_spec(wesar: WeSaRConfig, init_seed: int | None = None,
         norm = IdentityOp
     else:
         column_cls, row_cls = GatedColumnParallelLinear, GatedRowParallelLinear
-        attention, norm = DotProductAttention, TorchNorm
+        attention, norm = DotProductAttention, local_norm()
 
     def column(role):
         return ModuleSpec(module=column_cls, params={"role": role, "wesar": wesar})
@@ -150,11 +151,11 @@ def get_wesar_layer_spec(wesar: WeSaRConfig, init_seed: int | None = None,
 def get_wesar_block_spec(config, wesar: WeSaRConfig, vp_stage: int | None = None,
                          init_seed: int | None = None, backend: str = "local") -> ModuleSpec:
     """The TransformerBlock spec of this pipeline stage: gated layers of `backend` and a final
-    norm (TorchNorm; TE's TENorm with backend "transformer_engine")."""
+    norm (`norm.local_norm()`; TE's TENorm with backend "transformer_engine")."""
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     layer = get_wesar_layer_spec(wesar, init_seed, backend)
     final_norm = ((_TE_EXTENSIONS, "TENorm")
-                  if backend == "transformer_engine" else TorchNorm)
+                  if backend == "transformer_engine" else local_norm())
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers,

@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from ..accelerators import apex_available
+
 # printed by megatron-core 0.16.1 on import where Transformer Engine / apex are absent, or on a
 # CPU host; expected there and not actionable
 MEGATRON_NOTICES = (
@@ -20,12 +22,14 @@ _SAID = "MEGATRON_WESAR_ACCELERATOR_NOTICE_SAID"  # inherited by torchrun's chil
 
 def quiet_megatron_notices(stream=None) -> None:
     """Silence megatron-core's accelerator notices; say once (first process, rank 0) in one line
-    which optional accelerators are missing."""
+    which optional accelerators are missing (apex: `accelerators.apex_available`, the test the
+    local spec's norm choice uses)."""
     for message in MEGATRON_NOTICES:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
-    missing = [name for name, module in (("Transformer Engine", "transformer_engine"),
-                                         ("apex", "apex"))
-               if importlib.util.find_spec(module) is None]
+    missing = ["Transformer Engine"] if importlib.util.find_spec("transformer_engine") is None \
+        else []
+    if not apex_available():
+        missing.append("apex")
     if missing and not os.environ.get(_SAID) and os.environ.get("RANK", "0") == "0":
         print(f"note: {' and '.join(missing)} not installed; megatron-core uses its PyTorch "
               "implementations (optional accelerators)", file=stream or sys.stderr)
