@@ -93,14 +93,15 @@ def check_supported(config) -> None:
         )
 
 
-def _group_size(group) -> int:
+def group_size(group) -> int:
+    """The size of process group `group` (1 for None or without torch.distributed)."""
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
 
 def amaxes(tensors, group) -> torch.Tensor:
     """The fp32 amax of each tensor, maxed over `group` (one collective for all of them)."""
     values = torch.stack([t.detach().abs().amax().float() for t in tensors])
-    if _group_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
     return values
 
@@ -194,36 +195,3 @@ def fp8_linear(x, weight, scale, recipe: Fp8Recipe, group=None,
     """(x W_bar^T) * scale computed in FP8 (Fp8GatedLinear); `scale` None for an ungated
     layer."""
     return Fp8GatedLinear.apply(x, weight, scale, recipe, group, accumulate_in_main_grad)
-
-
-@dataclass(frozen=True)
-class QuantStats:
-    """FP8 statistics of one weight matrix: amax and dequantization scale of W_bar, and the
-    relative quantization error ||deq(q(W_bar)) - W_bar|| / ||W_bar|| (that of W_eff, the gate
-    being an exact per-tensor factor)."""
-
-    amax: float
-    scale: float
-    rel_error: float
-
-
-def weight_stats(weight: torch.Tensor, recipe: Fp8Recipe, group=None) -> QuantStats:
-    """QuantStats of `weight` (a shard; amax maxed and norms summed over `group`)."""
-    with torch.no_grad():
-        (amax,) = amaxes([weight], group)
-        q, d = quantize(weight, amax, recipe.forward_dtype)
-        w = weight.double()
-        sums = torch.stack([((q.double() * d.double()) - w).square().sum(), w.square().sum()])
-        if _group_size(group) > 1:
-            dist.all_reduce(sums, group=group)
-        rel = (sums[0] / sums[1].clamp_min(1e-300)).sqrt()
-    return QuantStats(float(amax), float(d), float(rel))
-
-
-def model_weight_stats(model: torch.nn.Module) -> dict:
-    """{module name: QuantStats of its W_bar} for every layer of `model` running in torch-native
-    FP8 (a fused layer's matrices share one per-tensor scale, so one entry per layer); collective
-    over each layer's TP group, so call it on every rank."""
-    return {name: weight_stats(module.weight, module.fp8_recipe, module.tp_group)
-            for name, module in model.named_modules()
-            if getattr(module, "fp8_recipe", None) is not None}

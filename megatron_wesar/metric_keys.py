@@ -33,6 +33,12 @@ UPDATE_RATIO = "update_ratio"
 WEIGHT_NORM = "weight_norm"
 WEIGHT_RMS = "weight_rms"
 
+# the FP8 statistics of the weights on the torch-native FP8 path (megatron_wesar.fp8_stats), per
+# role only: <stat>_mean/<role>, the mean over the role's matrices
+FP8_WEIGHT_AMAX = "fp8_weight_amax"          # max |W_bar|
+FP8_WEIGHT_SCALE = "fp8_weight_scale"        # the GEMM's dequantization scale of W_bar
+FP8_QUANT_REL_ERROR = "fp8_quant_rel_error"  # ||W_eff - alpha deq(q(W_bar))|| / ||W_eff||
+
 # the last one or two components of <matrix> -> the role of that logical matrix (a fused
 # weight's parts are <module>.<part>: linear_qkv.q/k/v; a SwiGLU linear_fc1.gate/up)
 MATRIX_ROLES = {

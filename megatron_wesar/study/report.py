@@ -4,9 +4,10 @@ The report assembles, in this order: a header on the setup, the initial gates pe
 sigma regime, the Findings paragraph (`findings`), the tables (`tables`: the two comparison
 protocols and their paired differences, best LR per method, the LR x method validation-loss grid,
 stability over the grid, spike counts per rule, update ratios per role at each method's best LR,
-the instability proxies) and the figures (`figures`: loss curves per LR, the learning-rate
-sensitivity of Wortsman et al. 2023, the relative update ratios over steps, the instability
-proxies over steps, and WeSaR's gate values over steps).
+the instability proxies, the FP8 quantization error per role when the runs were in FP8) and the
+figures (`figures`: loss curves per LR, the learning-rate sensitivity of Wortsman et al. 2023,
+the relative update ratios over steps, the instability proxies over steps, and WeSaR's gate
+values over steps).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .summary import load_summary, normalized, read_json, write_summary
 from .tables import (
     table_alpha0,
     table_best,
+    table_fp8_quantization,
     table_grid,
     table_paired,
     table_protocols,
@@ -162,6 +164,17 @@ def render_report(study_dir: str, summary: Summary | None = None) -> str:
                      "log-partition log Z (logsumexp over the vocabulary), measured on the "
                      "logging steps; seed means.", proxies,
                      f"![instability proxies]({FIGURES['proxies']})"]
+    fp8 = table_fp8_quantization(summary)
+    if fp8:
+        sections += ["## FP8 quantization of the weights",
+                     "Relative quantization error ||W_eff - alpha deq(q(W_bar))|| / ||W_eff|| of "
+                     "the transformer linears' weights in their e4m3 GEMMs (torch-native FP8, "
+                     "per-tensor scaling; megatron_wesar.fp8_stats) per role, mean over the "
+                     "role's matrices and the logged steps, at each method's best LR (seed "
+                     "means). The gate is an exact factor, so this is the error of what is "
+                     "quantized: WeSaR's W_bar, a baseline's W. The scale spread compares the "
+                     "roles' FP8 scales (amax / 448): one range for every matrix under WeSaR.",
+                     fp8]
     if has_gates:
         sections += ["## Gates", "Each gate relative to its first logged value, at the gated "
                      "method's best LR.", f"![gates]({FIGURES['gates']})"]

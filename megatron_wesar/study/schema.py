@@ -48,6 +48,8 @@ class RunSummary(TypedDict):
     sigma: float | None             # WeSaR's common std (the run's header)
     sigma_regime: str | None        # the sigma regime that placed it, if any
     alpha0: dict                    # {role: mean initial gate value}; {} without gates
+    fp8_quant_rel_error: dict       # {role: mean FP8 quantization error of W_eff}; {} without
+    fp8_weight_scale: dict          # {role: mean FP8 dequantization scale of W_bar}; {} without
     metrics_file: str               # relative to the study folder; added by summarize
 
 

@@ -18,6 +18,8 @@ from ..coordination import atomic_write_json
 from ..init import ROLES
 from ..metric_keys import (
     ATTN_LOGIT_MAX,
+    FP8_QUANT_REL_ERROR,
+    FP8_WEIGHT_SCALE,
     GATE_PREFIX,
     OUTPUT_LOG_Z_ABSMAX,
     OUTPUT_LOG_Z_MEAN,
@@ -422,6 +424,8 @@ def summarize_run(method: str, lr: float, seed: int, metrics: RunMetrics) -> Run
         "sigma": run_setting(header, "wesar.sigma", None),
         "sigma_regime": run_setting(header, "wesar.sigma_regime", None),
         "alpha0": initial_gates_by_role(metrics.initial_gates),
+        "fp8_quant_rel_error": _role_means(logged, FP8_QUANT_REL_ERROR),
+        "fp8_weight_scale": _role_means(logged, FP8_WEIGHT_SCALE),
     }
 
 

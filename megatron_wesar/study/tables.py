@@ -258,3 +258,31 @@ def table_proxies(summary: Summary) -> str:
     return markdown_table(["method", "LR", "which", "max attention logit (last)",
                            "max attention logit (peak)", "mean log Z (last)",
                            "max abs log Z (peak)"], rows) if rows else ""
+
+
+def table_fp8_quantization(summary: Summary) -> str:
+    """Per method at its best LR: the relative FP8 (e4m3) quantization error of W_eff per role
+    (mean over the logged steps, seed means), its spread and the spread of the weights' FP8
+    scales (max / min over roles); "" when no run has FP8 statistics."""
+    roles = [role for role in ROLES
+             if any(role in r.get("fp8_quant_rel_error", {}) for r in summary["runs"])]
+    if not roles:
+        return ""
+    runs_at_best = best_runs(summary)
+
+    def per_role(runs, field):
+        return [mean([r.get(field, {}).get(role) for r in runs]) for role in roles]
+
+    def spread(values):
+        present = [v for v in values if v is not None]
+        return format_ratio(max(present) / min(present) if present and min(present) > 0
+                            else None)
+
+    rows = []
+    for m in methods_in_order(summary):
+        errors = per_role(runs_at_best[m], "fp8_quant_rel_error")
+        rows.append([m, format_lr(summary["methods"][m]["lr"])]
+                    + ["n/a" if e is None else f"{100 * e:.2f}%" for e in errors]
+                    + [spread(errors), spread(per_role(runs_at_best[m], "fp8_weight_scale"))])
+    return markdown_table(["method", "LR"] + roles + ["error spread (max/min over roles)",
+                                                      "scale spread (max/min over roles)"], rows)

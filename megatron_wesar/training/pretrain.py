@@ -23,6 +23,7 @@ from ..coordination import gather_stage_dicts
 from ..data.sources import EmbeddedCorpus, IndexedDatasets, microbatches
 from ..data.tokenizers import build_tokenizer
 from ..fp8 import Fp8UnavailableError
+from ..fp8_stats import fp8_role_statistics
 from ..instability import InstabilityMonitor
 from ..metric_keys import (
     ATTN_LOGIT_MAX,
@@ -153,7 +154,8 @@ def pretrain(config: PretrainConfig, log=print) -> list[dict]:
     line, one line per step (iteration, loss, grad_norm, lr, the spike flags raised,
     `skipped_step` / `rewind_to` when the spike policy acted), the monitors at log intervals
     (update ratios, norms, gates, the instability proxies of megatron_wesar.instability, spike
-    counts, tokens/s) and a
+    counts, tokens/s; under torch-native FP8 the weights' FP8 statistics per role,
+    megatron_wesar.fp8_stats) and a
     {"iteration", "valid_loss"} line per evaluation. A non-finite step is never applied (policy
     log stops the run there with NonFiniteStepError); SIGTERM / SIGINT end the run after the
     current step with a checkpoint (--exit-signal-handler).
@@ -315,6 +317,7 @@ class TrainingLoop:
                 record.update(self.monitor.read())
             record.update(self.proxies.read())  # the step's forward, applied or not
             record.update(gather_stage_dicts(self.gates.record(iteration)))
+            record.update(fp8_role_statistics(self.engine.model))
             record.update(self.spikes.counts())
             tokens = training.global_batch_size * self.config.model.seq_length
             record["tokens_per_s"] = (tokens * (iteration - self.first_step)

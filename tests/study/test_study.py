@@ -452,3 +452,46 @@ def test_spike_table_counts_what_a_spike_policy_did(study_dir):
     row = next([c.strip() for c in line.strip("|").split("|")] for line in table
                if line.startswith("| he |"))
     assert row[header.index("skipped steps")] == "3" and row[header.index("rewinds")] == "2"
+
+
+def test_fp8_quantization_table_only_for_runs_with_fp8_statistics(study_dir):
+    """The report shows the FP8 quantization error per role (mean over the logged steps, seed
+    means at each method's best LR) once some run's metrics hold the FP8 statistics."""
+    from megatron_wesar.metric_keys import FP8_QUANT_REL_ERROR, FP8_WEIGHT_SCALE, role_mean_key
+    from megatron_wesar.study.report import render_report
+
+    with open(render_report(study_dir)) as f:
+        assert "## FP8 quantization of the weights" not in f.read()
+    # he: errors 3% then 5% on q, 2% on fc2 at the logged steps, scales 4x apart; wesar: 2.6%
+    # and one scale on both; small: no FP8
+    errors = {"he": {"q": (0.03, 0.05), "fc2": (0.02, 0.02)},
+              "wesar": {"q": (0.026, 0.026), "fc2": (0.026, 0.026)}}
+    scales = {"he": {"q": 8e-4, "fc2": 2e-4}, "wesar": {"q": 2.5e-4, "fc2": 2.5e-4}}
+    for run in os.listdir(os.path.join(study_dir, "runs")):
+        method = run.split("_lr")[0]
+        if method not in errors:
+            continue
+        path = os.path.join(study_dir, "runs", run, "metrics.jsonl")
+        with open(path) as f:
+            records = [json.loads(line) for line in f]
+        logged = 0
+        for record in records:
+            if "tokens_per_s" in record:
+                for role, values in errors[method].items():
+                    record[role_mean_key(FP8_QUANT_REL_ERROR, role)] = values[logged % 2]
+                    record[role_mean_key(FP8_WEIGHT_SCALE, role)] = scales[method][role]
+                logged += 1
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    summary = write_summary(study_dir)
+    assert _run(summary, "he", 1e-3)["fp8_quant_rel_error"] == pytest.approx(
+        {"q": 0.04, "fc2": 0.02})
+    assert _run(summary, "small", 1e-3)["fp8_quant_rel_error"] == {}
+    with open(render_report(study_dir, summary)) as f:
+        report = f.read()
+    assert "## FP8 quantization of the weights" in report
+    assert ("| method | LR | q | fc2 | error spread (max/min over roles) | scale spread (max/min "
+            "over roles) |") in report
+    assert "| he | 3e-3 | 4.00% | 2.00% | 2.00x | 4.00x |" in report
+    assert "| wesar | 1e-3 | 2.60% | 2.60% | 1.00x | 1.00x |" in report
+    assert "| small | 1e-2 | n/a | n/a | n/a | n/a |" in report
