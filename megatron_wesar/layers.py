@@ -518,7 +518,7 @@ class GatedVocabParallelEmbedding(VocabParallelEmbedding, _Gated):
             **_accepted_kwargs(VocabParallelEmbedding, kwargs),
         )
         self.config = config
-        partial_grad = self.tp_group.size() > 1 and self.reduce_scatter_embeddings
+        partial_grad = get_pg_size(self.tp_group) > 1 and self.reduce_scatter_embeddings
         placement = "output" if is_gated("embedding", wesar) else None
         self._setup_gates((MatrixPart("", "embedding"),), None, wesar, shape, placement,
                           partial_grad)

@@ -8,6 +8,7 @@
       data        DataConfig         indexed datasets or the embedded corpus
       checkpoint  CheckpointConfig   save / load
       logging     LoggingConfig      progress, metrics, evaluation
+      plan        PlanConfig         --dry-run: plan the run instead of training it
 
 Every leaf is a command-line option (megatron_wesar.options): its help is the field's docstring
 and its flag Megatron-LM's name where Megatron-LM has one. A model preset (--preset) and the
@@ -248,6 +249,25 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class PlanConfig:
+    """A dry run: the run's layout and memory planned, nothing trained
+    (megatron_wesar.training.dry_run)."""
+
+    dry_run: bool = option(
+        False, "check every argument and the TP x PP x DP layout, print the parameters and "
+        "memory per GPU and the tokens per step (last line `memory_per_gpu_gb: <value>`) and "
+        "exit; needs no GPU, no Transformer Engine and no torch.distributed")
+    world_size: int | None = option(
+        None, "the number of ranks a --dry-run plans for (default: WORLD_SIZE of the "
+        "environment, else 1)", type=int, positive=True)
+
+    def __post_init__(self):
+        validate_options(self)
+        if self.world_size is not None and not self.dry_run:
+            raise ValueError("--world-size plans a --dry-run; a run's world is torchrun's")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """Everything one pretraining run needs (see the module docstring)."""
 
@@ -258,6 +278,7 @@ class PretrainConfig:
     data: DataConfig = section(DataConfig)
     checkpoint: CheckpointConfig = section(CheckpointConfig)
     logging: LoggingConfig = section(LoggingConfig)
+    plan: PlanConfig = section(PlanConfig)
 
     def __post_init__(self):
         if self.training.spike_policy == "rewind" and not (
@@ -329,7 +350,7 @@ def pretrain_config(overrides: dict | None = None, preset: str = "tiny") -> Pret
     return replace(config, wesar=with_regime_sigma(config.wesar, shape))
 
 
-SECTION_TITLES = {"logging": "logging and evaluation", "wesar": "WeSaR"}
+SECTION_TITLES = {"logging": "logging and evaluation", "wesar": "WeSaR", "plan": "dry run"}
 
 
 def build_parser() -> argparse.ArgumentParser:

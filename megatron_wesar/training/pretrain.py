@@ -382,13 +382,17 @@ RUN_ERRORS = (NonFiniteStepError, RewindLimitError, CheckpointError, CheckpointM
 
 
 def main(argv=None) -> int:
-    """Entry point of `megatron-wesar pretrain` (enables the CPU layer where CUDA is absent);
-    exit status 1 with one error line (rank 0) for the errors of RUN_ERRORS."""
+    """Entry point of `megatron-wesar pretrain` (enables the CPU layer where CUDA is absent):
+    the run, or with --dry-run its plan (megatron_wesar.training.dry_run); exit status 1 with
+    one error line (rank 0) for the errors of RUN_ERRORS and a layout that does not fit."""
+    from .dry_run import PlanError, dry_run  # it builds on this module's config builders
+
     enable_cpu_compat()
     status = 0
     try:
-        pretrain(parse_pretrain_args(argv))
-    except RUN_ERRORS as err:
+        config = parse_pretrain_args(argv)
+        (dry_run if config.plan.dry_run else pretrain)(config)
+    except (*RUN_ERRORS, PlanError) as err:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"megatron-wesar pretrain: error: {err}", file=sys.stderr)
         status = 1

@@ -1,10 +1,6 @@
-"""`megatron-wesar pretrain` arguments: flags to configs, the presets, and the example launch
-scripts (every one must parse and fit the world it launches)."""
-import argparse
+"""`megatron-wesar pretrain` arguments: flags to configs and the presets (the example launch
+scripts are checked by their dry runs, tests/training/test_dry_run.py)."""
 import math
-import pathlib
-import shlex
-import string
 
 import pytest
 import torch
@@ -13,7 +9,6 @@ import torch.nn.functional as F
 from megatron_wesar.training.arguments import parse_pretrain_args
 from megatron_wesar.training.pretrain import build_optimizer_config, build_transformer_config
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 CONFIGS = {
     "wesar": lambda config: config.wesar,
     "transformer": build_transformer_config,
@@ -174,77 +169,6 @@ def test_explicit_schedule_flags_beat_the_derived_defaults():
     args = parse_pretrain_args(["--lr", "2e-3", "--min-lr", "0", "--lr-warmup-iters", "0"])
     assert args.training.effective_min_lr == 0.0 and args.training.effective_lr_warmup_iters == 0
     assert parse_pretrain_args(["--train-iters", "10"]).training.effective_lr_warmup_iters == 1
-
-
-# Values the example scripts' shell variables get; NNODES is the multi-node scripts' node count.
-SCRIPT_ENV = {"DATA": "data/corpus", "NNODES": "4", "NODE_RANK": "0", "MASTER_ADDR": "node0"}
-
-
-def launch_command(script: pathlib.Path) -> tuple[list[str], list[str]]:
-    """The (torchrun arguments, `megatron_wesar pretrain` arguments) of a launch script."""
-    text = script.read_text().replace("\\\n", " ")
-    lines = [line for line in text.splitlines()
-             if "megatron_wesar pretrain" in line and not line.lstrip().startswith("#")]
-    assert len(lines) == 1, f"{script.name}: expected one `megatron_wesar pretrain` command"
-    tokens = [string.Template(token).substitute(SCRIPT_ENV)
-              for token in shlex.split(lines[0], comments=True) if token != "$@"]
-    assert tokens[0] == "torchrun", script.name
-    start = tokens.index("megatron_wesar")
-    assert tokens[start - 1] == "-m" and tokens[start + 1] == "pretrain", script.name
-    return tokens[1:start - 1], tokens[start + 2:]
-
-
-def torchrun_world_size(torchrun_args: list[str]) -> int:
-    """Nodes x processes per node of a torchrun command line."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--nnodes", type=int, default=1)
-    parser.add_argument("--nproc-per-node", type=int, required=True)
-    known, _ = parser.parse_known_args(torchrun_args)
-    return known.nnodes * known.nproc_per_node
-
-
-def check_launch_script(script: pathlib.Path):
-    """Parse a launch script's pretrain arguments and check them against the world it launches."""
-    torchrun_args, argv = launch_command(script)
-    args = parse_pretrain_args(argv)
-    world = torchrun_world_size(torchrun_args)
-    tp, pp = args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
-    assert args.data_parallel_size(world) * tp * pp == world
-    model = args.model
-    for size in (model.num_attention_heads, model.hidden_size, model.ffn_hidden_size):
-        assert size % tp == 0, (script.name, size, tp)
-    build_transformer_config(args)  # a valid megatron-core config
-
-
-EXAMPLE_SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.sh"))
-
-
-@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS)
-def test_example_script_arguments_fit_the_world_it_launches(script):
-    check_launch_script(EXAMPLES / script)
-
-
-def test_every_example_is_a_tested_launch_script():
-    files = {str(p.relative_to(EXAMPLES)) for p in EXAMPLES.rglob("*") if p.is_file()}
-    assert files == set(EXAMPLE_SCRIPTS)
-    assert {"pretrain_130m.sh", "pretrain_1.3b_multinode.sh", "pretrain_13b_multinode.sh",
-            "pretrain_tiny_cpu.sh"} <= files
-
-
-@pytest.mark.parametrize("script, old, new, error", [
-    ("pretrain_13b_multinode.sh", "--bf16", "--fp8-format hybrid --fp8-recipe delayed",
-     SystemExit),  # the delayed recipe needs --transformer-impl transformer_engine
-    ("pretrain_13b_multinode.sh", "--nproc-per-node 8", "--nproc-per-node 6", ValueError),
-    ("pretrain_13b_multinode.sh", '"$DATA"', '"$CORPUS"', KeyError),
-    ("pretrain_130m.sh", "--lr 1e-3", "--lr 1e-3 --tensor-model-parallel-size 8", AssertionError),
-    ("pretrain_tiny_cpu.sh", "-m megatron_wesar", "-m megatron_wesar.cli", AssertionError),
-])
-def test_a_drifted_launch_script_fails_the_check(tmp_path, script, old, new, error):
-    text = (EXAMPLES / script).read_text()
-    assert old in text
-    (tmp_path / script).write_text(text.replace(old, new))
-    with pytest.raises(error):
-        check_launch_script(tmp_path / script)
 
 
 def test_every_pretrain_flag_says_what_it_means():
