@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.megatron_wesar-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test test-fast test-megatron-lm lint clean
+.PHONY: install demo test test-fast test-megatron-lm lint wheels clean
 
 install: $(STAMP)
 
@@ -34,6 +34,16 @@ test-megatron-lm: $(STAMP)
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .
+
+# the wheels bench/gpu_check.py installs on a GPU machine without internet (Python 3.12,
+# x86-64): run here, carry bench/wheels/ (git-ignored) along. torchao's float8 training is pure
+# Python; its C++ ops, built for one torch release, are skipped with a warning on another.
+WHEELS ?= bench/wheels
+TORCHAO_VERSION ?= 0.17.0
+wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+	    --platform manylinux_2_28_x86_64 --dest $(WHEELS) \
+	    megatron-core==0.16.1 torchao==$(TORCHAO_VERSION) numpy packaging
 
 clean:
 	rm -rf $(VENV) build *.egg-info megatron_wesar/_C*.so
