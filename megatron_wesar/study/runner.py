@@ -193,8 +193,10 @@ STUDY_PRESETS = {
             "Probes on this machine (docs/tiny-scale-findings.md) found the largest attention "
             "logit of He at LR 1e-1 growing to ~10^5 within 400 steps while the loss stopped at "
             "~3.1 (attention collapse), and the loss rising above its initial value in the "
-            "first steps of WeSaR and He at LR 1e-1. 36 runs of 300 steps: an estimated 30-45 "
-            "minutes on 2 otherwise idle cores (from the probes, not a measured full run)."
+            "first steps of WeSaR and He at LR 1e-1. 36 runs of 300 steps: 61 minutes on this "
+            "machine's 2 cores with other jobs running (measured 2026-11-28, "
+            "docs/tiny-scale-findings.md), where He, Scaled Embed and Embed LN spiked late at "
+            "LR 3e-1."
         ),
     ),
 }
