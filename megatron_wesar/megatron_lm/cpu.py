@@ -29,10 +29,25 @@ False; with CUDA it changes nothing. Megatron-LM functions are wrapped, never co
   runs under compat.cpu's CUDA-as-CPU torch function mode: its
   `torch.tensor(..., device='cuda')` (start-time all-reduce, loss dicts, exit flags, data
   flags) and `model.cuda()` stay on CPU.
+- `training.load_checkpoint` (`--load` with `--use-distributed-optimizer`; a CPU has neither
+  Apex nor TE, so megatron-core's DistributedOptimizer wraps torch's AdamW): three
+  megatron-core 0.16.1 defects of that load (the first two are compat.megatron_core's, whose
+  functions it calls, as megatron_wesar's own checkpoint load does). Before the load, the
+  fresh AdamW gets its state (`prime_distributed_optimizer_state`), else
+  `DistributedOptimizer.state_dict` fails `assert len(steps) == 1` (distrib_optimizer.py:642,
+  from Megatron-LM's generate_state_dict, checkpointing.py:920); after it, every parameter's
+  Adam step is set back to the saved one (`restore_distributed_optimizer_steps`), else the
+  dp_reshardable load leaves the primed step 0 and the resumed run's bias correction differs.
+  And `optimizer.load_state_dict` runs under `torch.no_grad()`: with fp32 parameters the
+  dp_reshardable load copies each saved shard in place into a view of the model parameter,
+  which autograd refuses ("a view of a leaf Variable that requires grad is being used in an
+  in-place operation", distrib_optimizer.py:940, from Megatron-LM's checkpointing.py:1794).
 
-Not patched (they still need CUDA): checkpoint save/load of the RNG state (`--save`/`--load`
-call `torch.cuda.get_rng_state`/`set_rng_state` through compat.cpu only for the tracker),
-`--log-memory-to-tensorboard`, profiling, CUDA graphs, Transformer Engine, in-process restart.
+Checkpoints (`--save`, `--load`, format torch_dist) need nothing more: the RNG state Megatron-LM
+saves reads `torch.cuda.get_rng_state`, the CPU generator under compat.cpu, and on load
+`torch.set_rng_state` restores that generator (`torch.cuda.set_rng_state` queues a call that
+never runs without CUDA). Not patched (they still need CUDA): `--log-memory-to-tensorboard`,
+profiling, CUDA graphs, Transformer Engine, in-process restart.
 `disable_megatron_lm_cpu_compat()` restores every patched object (for tests).
 """
 from __future__ import annotations
@@ -43,6 +58,12 @@ import functools
 import torch
 
 from ..compat.cpu import cuda_as_cpu, enable_cpu_compat
+from ..compat.megatron_core import (
+    distributed_optimizer_steps,
+    prime_distributed_optimizer_state,
+    restore_distributed_optimizer_steps,
+    torch_adam_distributed_optimizers,
+)
 
 # (owner, attribute, original) for every applied patch.
 _applied: list = []
@@ -86,6 +107,37 @@ def _allow_no_cuda(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **{**kwargs, "allow_no_cuda": True})
+
+    return wrapper
+
+
+def _resumable_torch_adam(load_checkpoint):
+    """Wrap Megatron-LM's `load_checkpoint(ddp_model, optimizer, ...)`: with a DistributedOptimizer
+    over torch Adam, prime its state before the load, run `optimizer.load_state_dict` without
+    autograd, and set the Adam steps to the saved ones after the load (read from the state dict
+    the load gives `optimizer.load_state_dict`)."""
+
+    @functools.wraps(load_checkpoint)
+    def wrapper(ddp_model, optimizer, *args, **kwargs):
+        if optimizer is None or not any(torch_adam_distributed_optimizers(optimizer)):
+            return load_checkpoint(ddp_model, optimizer, *args, **kwargs)
+        prime_distributed_optimizer_state(optimizer)
+        saved_steps = []
+        load_state_dict = optimizer.load_state_dict
+
+        def reading_steps(state_dict):
+            saved_steps.append(distributed_optimizer_steps(optimizer, state_dict))
+            with torch.no_grad():  # it copies into views of fp32 model parameters
+                return load_state_dict(state_dict)
+
+        optimizer.load_state_dict = reading_steps
+        try:
+            result = load_checkpoint(ddp_model, optimizer, *args, **kwargs)
+        finally:
+            del optimizer.load_state_dict
+        for steps in saved_steps:
+            restore_distributed_optimizer_steps(optimizer, steps)
+        return result
 
     return wrapper
 
@@ -136,6 +188,7 @@ def _patches():
         (initialize, "_set_random_seed",
          _with_cuda_attributes(initialize._set_random_seed, device_count=_one_device)),
         (training, "get_model", _with_cuda_attributes(training.get_model, **cpu_streams)),
+        (training, "load_checkpoint", _resumable_torch_adam(training.load_checkpoint)),
         (training, "pretrain", pretrain),
         (package, "pretrain", pretrain),
     ]

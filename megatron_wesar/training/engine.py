@@ -71,11 +71,14 @@ def gate_config_overrides(optimizer_config: OptimizerConfig, wesar: WeSaRConfig)
     covers the (1,)-shaped gates) plus the gate learning-rate multiplier."""
     overrides = get_standard_config_overrides(optimizer_config)
     if wesar.enabled and wesar.gate_lr_mult != 1.0:
-        # megatron-core's scheduler reads each group's max_lr / min_lr (it ignores lr_mult)
+        # megatron-core's scheduler reads each group's max_lr / min_lr (it ignores lr_mult);
+        # a checkpoint load matches groups by (wd_mult, lr_mult, ...) only: without lr_mult
+        # the gates' group would take the saved max_lr of the biases' group (same wd_mult 0)
         min_lr = optimizer_config.min_lr or 0.0
         overrides[ParamKey(attr="wesar_gate")] = ParamGroupOverride(
             max_lr=optimizer_config.lr * wesar.gate_lr_mult,
             min_lr=min_lr * wesar.gate_lr_mult,
+            lr_mult=wesar.gate_lr_mult,
         )
     return overrides
 

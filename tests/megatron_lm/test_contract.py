@@ -12,6 +12,7 @@ import types
 import pytest
 from megatron.core.distributed import finalize_model_grads as megatron_finalize
 from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -192,7 +193,9 @@ def _build_and_group(rank, world_size):
     optimizer = get_megatron_optimizer(optimizer_config, [ddp], config_overrides=overrides)
     names = {id(p): name for name, p in ddp.named_parameters()}
     groups = [(group["wd_mult"], group["max_lr"], group["min_lr"],
-               [names[id(p)] for p in group["params"]]) for group in optimizer.param_groups]
+               [names[id(p)] for p in group["params"]],
+               tuple(group[key] for key in param_group_identifier_keys))
+              for group in optimizer.param_groups]
     return layer_gates, groups
 
 
@@ -208,8 +211,11 @@ def test_spec_layer_builder_and_optimizer_groups_in_megatron_core():
     gates = [name for g in gate_groups for name in g[3]]
     assert "module.embedding.word_embeddings.gate" in gates
     assert "module.output_layer.gate" in gates
-    for wd_mult, max_lr, min_lr, names in gate_groups:
+    for wd_mult, max_lr, min_lr, names, _ in gate_groups:
         assert wd_mult == 0.0 and math.isclose(max_lr, 2e-3) and math.isclose(min_lr, 2e-4)
         assert all(".gate" in name for name in names), names
     weights = [g for g in groups if any(name.endswith("linear_qkv.weight") for name in g[3])]
-    assert [(wd, lr) for wd, lr, _, _ in weights] == [(1.0, 1e-3)]
+    assert [(wd, lr) for wd, lr, *_ in weights] == [(1.0, 1e-3)]
+    # a checkpoint load matches each saved group to a group by these keys alone: the gates'
+    # group (its LR multiplier) must not be taken for the biases' one (also no weight decay)
+    assert len({g[4] for g in groups}) == len(groups)
