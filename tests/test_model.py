@@ -380,21 +380,25 @@ def test_driver_flags_reach_the_built_model():
         _check_initial_state(case, sd, PAPER_SIGMA if case.sigma is None else case.sigma)
 
 
-def _initial_weights(rank, world_size, case):
+def _initial_weights(rank, world_size, cases):
+    """The canonical (gathered) initial weights of each case's model, built one after another
+    on the same ranks."""
     from megatron.core import parallel_state
 
-    model = build_case_model(case)
-    weights = gather_canonical(model)
-    parallel_state.destroy_model_parallel()
-    return weights
+    out = []
+    for case in cases:
+        out.append(gather_canonical(build_case_model(case)))
+        parallel_state.destroy_model_parallel()
+    return out
 
 
 @pytest.mark.parallel
 def test_initial_weights_do_not_depend_on_the_parallel_layout():
     base = Case(num_layers=4, tied=False, swiglu=True)
-    single = run_distributed(_initial_weights, 1, base)[0]
-    for layout in (dict(tp=2, pp=2), dict(pp=4)):
-        other = run_distributed(_initial_weights, 4, replace(base, **layout))[0]
-        assert other.keys() == single.keys()
-        for key, value in single.items():
+    layouts = (dict(), dict(tp=2, pp=2), dict(pp=4))  # DP 4, TP 2 x PP 2, PP 4 on 4 ranks
+    reference, *others = run_distributed(
+        _initial_weights, 4, [replace(base, **layout) for layout in layouts])[0]
+    for layout, other in zip(layouts[1:], others):
+        assert other.keys() == reference.keys()
+        for key, value in reference.items():
             assert torch.equal(other[key], value), (layout, key)

@@ -148,33 +148,41 @@ VARIANTS = {"WeSaR tied bf16": ["--bf16"], "ungated untied swiglu rope embed-ln"
     "--position-embedding-type", "rope", "--embedding-variant", "embed-ln"]}
 
 
-def _real_rank(rank, world_size, argv):
-    """This rank's parameters, weight bytes and DDP gradient-buffer bytes in the real engine."""
+def _real_rank(rank, world_size, argvs):
+    """Per argv, this rank's parameters, weight bytes and DDP gradient-buffer bytes in the real
+    engine (built one after another on the same ranks)."""
+    from megatron.core import parallel_state
+
     from megatron_wesar.data.corpus import BYTE_VOCAB_SIZE
     from megatron_wesar.training.engine import initialize_parallel
     from megatron_wesar.training.pretrain import build_run_engine, padded_vocab_size
 
-    config = parse_pretrain_args(argv)
-    tp = config.parallel.tensor_model_parallel_size
-    initialize_parallel(tp, config.parallel.pipeline_model_parallel_size, 1)
-    engine = build_run_engine(config, padded_vocab_size(BYTE_VOCAB_SIZE, tp))
-    params = list(engine.module.parameters())
-    return (sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params),
-            sum(b.grad_data.numel() * b.grad_data.element_size()
-                for b in engine.model[0].buffers))
+    out = []
+    for argv in argvs:
+        config = parse_pretrain_args(argv)
+        tp = config.parallel.tensor_model_parallel_size
+        initialize_parallel(tp, config.parallel.pipeline_model_parallel_size, 1)
+        engine = build_run_engine(config, padded_vocab_size(BYTE_VOCAB_SIZE, tp))
+        params = list(engine.module.parameters())
+        out.append((sum(p.numel() for p in params),
+                    sum(p.numel() * p.element_size() for p in params),
+                    sum(b.grad_data.numel() * b.grad_data.element_size()
+                        for b in engine.model[0].buffers)))
+        parallel_state.destroy_model_parallel()
+    return out
 
 
 @pytest.mark.parallel
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_counts_equal_the_real_model_on_every_rank(variant):
-    argv = TINY + VARIANTS[variant]
-    stages = plan(parse_pretrain_args(argv + ["--dry-run"]), 4).stages
-    real = run_distributed(_real_rank, 4, argv)
-    # megatron's rank order: TP fastest, then DP (1 here), then PP
-    for rank, (parameters, weight_bytes, grad_bytes) in enumerate(real):
-        stage = stages[rank // 2]
-        assert (stage.parameters, stage.weight_bytes, stage.grad_bytes) == (
-            parameters, weight_bytes, grad_bytes), (variant, rank)
+def test_counts_equal_the_real_model_on_every_rank():
+    argvs = {variant: TINY + extra for variant, extra in VARIANTS.items()}
+    real = run_distributed(_real_rank, 4, list(argvs.values()))
+    for index, (variant, argv) in enumerate(argvs.items()):
+        stages = plan(parse_pretrain_args(argv + ["--dry-run"]), 4).stages
+        # megatron's rank order: TP fastest, then DP (1 here), then PP
+        for rank, counts in enumerate(real):
+            stage = stages[rank // 2]
+            assert (stage.parameters, stage.weight_bytes, stage.grad_bytes) == counts[index], (
+                variant, rank)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
