@@ -90,11 +90,12 @@ def role_means(stats: dict) -> dict:
     out = {}
     for role in ROLES:
         rows = [s for s in stats.values() if s.role == role]
+        if not rows:
+            continue
         for stat, attribute in ((FP8_WEIGHT_AMAX, "amax"), (FP8_WEIGHT_SCALE, "scale"),
                                 (FP8_QUANT_REL_ERROR, "rel_error")):
-            if rows:
-                out[role_mean_key(stat, role)] = (math.fsum(getattr(s, attribute) for s in rows)
-                                            / len(rows))
+            out[role_mean_key(stat, role)] = (math.fsum(getattr(s, attribute) for s in rows)
+                                              / len(rows))
     return out
 
 
