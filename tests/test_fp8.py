@@ -2,6 +2,7 @@
 of the same quantized operands (forward, both backward GEMMs, the gate's gradient), the layers
 under config.fp8 (TP = 2 + SP equals TP = 1) and the clear errors where FP8 cannot run."""
 from dataclasses import replace
+from functools import lru_cache
 from unittest import mock
 
 import pytest
@@ -121,18 +122,54 @@ def _fp8_case(rank, world_size, case):
         return {**oracle_harness.run_megatron_case(rank, world_size, case), "stats": stats}
 
 
+def _unrounded_quantize(tensor, amax, dtype):
+    """The FP8 backend's quantize without its rounding: the tensor in fp32, scale 1."""
+    return tensor.float(), torch.ones((), dtype=torch.float32, device=tensor.device)
+
+
+def _fp8_unrounded_case(rank, world_size, case):
+    """_fp8_case on the FP8 layers (gate folded into the GEMM's scale, per-column scales of the
+    fused layers, the gate gradient on the GEMM operands, TP amaxes, main_grad) with the rounding
+    taken out: quantize keeps the fp32 tensor and scaled_mm multiplies in fp32. Also returns how
+    many FP8 GEMMs this rank ran."""
+    calls = []
+
+    def unrounded_scaled_mm(a, b_t, scale_a, scale_b, out_dtype):
+        calls.append(out_dtype)
+        scale_b = scale_b.float().reshape(1, -1) if scale_b.numel() > 1 else scale_b.float()
+        return ((a @ b_t.T) * scale_a.float() * scale_b).to(out_dtype)
+
+    with mock.patch.object(fp8, "quantize", _unrounded_quantize), \
+            mock.patch.object(fp8, "scaled_mm", unrounded_scaled_mm):
+        return {**_fp8_case(rank, world_size, case), "gemms": len(calls)}
+
+
 # one step: a later step compares Adam updates, which amplify rounding flips of near-zero gradients
 # (the key bias's gradient is zero in exact arithmetic) to whole learning-rate steps
 FP8_CASE = Case(dtype=torch.float32, steps=1, swiglu=True, num_query_groups=2, seq_len=16,
                 micro_batches=1)
+# without rounding, the oracle's 5 steps and 2 micro-batches
+UNROUNDED_CASE = Case(dtype=torch.float32, swiglu=True, num_query_groups=2)
+LAYOUTS = {1: {"tp": 1}, 2: {"tp": 2, "sp": True}}  # world size: TP = 1, TP = 2 with SP
+
+
+def _fp8_runs(rank, world_size):
+    layout = LAYOUTS[world_size]
+    return {"fp8": _fp8_case(rank, world_size, replace(FP8_CASE, **layout)),
+            "unrounded": _fp8_unrounded_case(rank, world_size, replace(UNROUNDED_CASE, **layout))}
+
+
+@lru_cache(maxsize=None)
+def fp8_results(world_size: int) -> dict:
+    """Rank 0's records of the FP8 case and the unrounded case at one layout (one spawn)."""
+    return run_distributed(_fp8_runs, world_size)[0]
 
 
 @pytest.mark.parallel
 def test_tp2_sp_fp8_equals_tp1_fp8():
     """TP = 2 with sequence parallelism trains the FP8 model as TP = 1 does: amaxes are maxed over
     the TP group, so every GEMM sees the same scales (up to accumulation order)."""
-    tp1 = run_distributed(_fp8_case, 1, FP8_CASE)[0]
-    tp2 = run_distributed(_fp8_case, 2, replace(FP8_CASE, tp=2, sp=True))[0]
+    tp1, tp2 = fp8_results(1)["fp8"], fp8_results(2)["fp8"]
     assert tp1["losses"] == pytest.approx(tp2["losses"], rel=1e-6)
     # statistics of the whole logical matrices: the same at both layouts, one entry per matrix
     # (q, k, v, attention output, SwiGLU gate and up, fc2)
@@ -152,40 +189,15 @@ def test_tp2_sp_fp8_equals_tp1_fp8():
     assert tp1["grad_norms"][0] == pytest.approx(ref["grad_norms"][0], rel=5e-2)
 
 
-def _unrounded_quantize(tensor, amax, dtype):
-    """The FP8 backend's quantize without its rounding: the tensor in fp32, scale 1."""
-    return tensor.float(), torch.ones((), dtype=torch.float32, device=tensor.device)
-
-
-def _fp8_wiring_case(rank, world_size, case):
-    """run_megatron_case on the FP8 layers (gate folded into the GEMM's scale, per-column scales
-    of the fused layers, the gate gradient on the GEMM operands, TP amaxes, main_grad) with the
-    rounding taken out: quantize keeps the fp32 tensor and scaled_mm multiplies in fp32. Also
-    returns how many FP8 GEMMs this rank ran."""
-    calls = []
-
-    def unrounded_scaled_mm(a, b_t, scale_a, scale_b, out_dtype):
-        calls.append(out_dtype)
-        scale_b = scale_b.float().reshape(1, -1) if scale_b.numel() > 1 else scale_b.float()
-        return ((a @ b_t.T) * scale_a.float() * scale_b).to(out_dtype)
-
-    with mock.patch.object(fp8, "quantize", _unrounded_quantize), \
-            mock.patch.object(fp8, "scaled_mm", unrounded_scaled_mm):
-        return {**_fp8_case(rank, world_size, case), "gemms": len(calls)}
-
-
-FP8_WIRING_CASE = Case(dtype=torch.float32, swiglu=True, num_query_groups=2)
-
-
 @pytest.mark.parallel
-@pytest.mark.parametrize("tp, sp", [(1, False), (2, True)], ids=["tp1", "tp2-sp"])
-def test_fp8_layers_without_rounding_match_dense_reference(tp, sp):
+@pytest.mark.parametrize("world_size", list(LAYOUTS), ids=["tp1", "tp2-sp"])
+def test_fp8_layers_without_rounding_match_dense_reference(world_size):
     """The FP8 layers' arithmetic around the rounding is exact: with quantize and scaled_mm
     unrounded, 5 AdamW steps of a SwiGLU GQA WeSaR model train as the dense reference does, to
     the oracle's float32 tolerances (losses, grad norms, every gate gradient and value, every
     trained tensor). The rounding itself is test_gemm_equals_dequantized_product's."""
-    case = replace(FP8_WIRING_CASE, tp=tp, sp=sp)
-    ours = run_distributed(_fp8_wiring_case, case.world_size, case)[0]
+    case = replace(UNROUNDED_CASE, **LAYOUTS[world_size])
+    ours = fp8_results(world_size)["unrounded"]
     # every gated linear (qkv, attention output, fc1, fc2) ran its three GEMMs in the backend
     assert ours["gemms"] == 3 * 4 * case.num_layers * case.micro_batches * case.steps
     assert_matches_reference(case, ours)
