@@ -19,6 +19,7 @@ weight-sized dot product, TP partial (each rank holds a shard of W_bar).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,33 @@ def scaled_mm(a, b_t, scale_a, scale_b, out_dtype):
     # _scaled_mm wants a row-major and b column-major
     return torch._scaled_mm(a.contiguous(), b_t.contiguous().t(), scale_a=scale_a,
                             scale_b=scale_b, out_dtype=out_dtype)
+
+
+def _unrounded_quantize(tensor, amax, dtype):
+    """quantize without the rounding: the tensor in fp32 with dequantization scale 1."""
+    return tensor.float(), torch.ones((), dtype=torch.float32, device=tensor.device)
+
+
+def _unrounded_scaled_mm(a, b_t, scale_a, scale_b, out_dtype):
+    """scaled_mm in fp32 on unrounded operands (same scale conventions)."""
+    scale_b = scale_b.float().reshape(1, -1) if scale_b.numel() > 1 else scale_b.float()
+    return ((a.float() @ b_t.float().T) * scale_a.float() * scale_b).to(out_dtype)
+
+
+@contextmanager
+def without_rounding():
+    """Within the block the FP8 layers run their whole arithmetic (the gate folded into the
+    GEMM's scale, the gate gradient on the GEMM operands, the TP amax collective) on unrounded
+    fp32 tensors: a diagnostic that tells FP8 rounding apart from the rest of the FP8 path
+    (tests/test_fp8.py holds it to the dense reference; bench/fp8_gradient_error.py compares
+    gradients with and without the rounding). Not thread-safe: it swaps module functions."""
+    global quantize, scaled_mm
+    rounded = quantize, scaled_mm
+    quantize, scaled_mm = _unrounded_quantize, _unrounded_scaled_mm
+    try:
+        yield
+    finally:
+        quantize, scaled_mm = rounded
 
 
 class Fp8GatedLinear(torch.autograd.Function):

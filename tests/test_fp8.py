@@ -122,26 +122,11 @@ def _fp8_case(rank, world_size, case):
         return {**oracle_harness.run_megatron_case(rank, world_size, case), "stats": stats}
 
 
-def _unrounded_quantize(tensor, amax, dtype):
-    """The FP8 backend's quantize without its rounding: the tensor in fp32, scale 1."""
-    return tensor.float(), torch.ones((), dtype=torch.float32, device=tensor.device)
-
-
 def _fp8_unrounded_case(rank, world_size, case):
-    """_fp8_case on the FP8 layers (gate folded into the GEMM's scale, per-column scales of the
-    fused layers, the gate gradient on the GEMM operands, TP amaxes, main_grad) with the rounding
-    taken out: quantize keeps the fp32 tensor and scaled_mm multiplies in fp32. Also returns how
-    many FP8 GEMMs this rank ran."""
-    calls = []
-
-    def unrounded_scaled_mm(a, b_t, scale_a, scale_b, out_dtype):
-        calls.append(out_dtype)
-        scale_b = scale_b.float().reshape(1, -1) if scale_b.numel() > 1 else scale_b.float()
-        return ((a @ b_t.T) * scale_a.float() * scale_b).to(out_dtype)
-
-    with mock.patch.object(fp8, "quantize", _unrounded_quantize), \
-            mock.patch.object(fp8, "scaled_mm", unrounded_scaled_mm):
-        return {**_fp8_case(rank, world_size, case), "gemms": len(calls)}
+    """_fp8_case on the FP8 layers without their rounding (fp8.without_rounding); also returns
+    how many FP8 GEMMs this rank ran."""
+    with fp8.without_rounding(), mock.patch.object(fp8, "scaled_mm", wraps=fp8.scaled_mm) as gemm:
+        return {**_fp8_case(rank, world_size, case), "gemms": gemm.call_count}
 
 
 # one step: a later step compares Adam updates, which amplify rounding flips of near-zero gradients
