@@ -1,6 +1,6 @@
 """The `megatron-wesar` command starts quietly: megatron-core's accelerator notices become one
 line, said once (not by other ranks, not again by torchrun's children); an accelerator asked for
-where it is absent is one error line, not a traceback."""
+where it is absent (Transformer Engine, an FP8 backend) is one error line, not a traceback."""
 import importlib.util
 import os
 import subprocess
@@ -42,4 +42,17 @@ def test_transformer_engine_asked_for_where_absent_is_one_error_line():
     assert result.returncode == 1, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "needs NVIDIA Transformer Engine" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_fp8_without_an_fp8_backend_is_one_error_line():
+    """`--fp8-format hybrid` where torch has no _scaled_mm stops with one error line naming why."""
+    # deleted once everything is imported (megatron-core's imports reach torch's own users of it)
+    run = ("import sys, torch, megatron_wesar.training.pretrain; del torch._scaled_mm; "
+           "from megatron_wesar.cli import main; sys.exit(main(['pretrain', '--preset', 'tiny', "
+           "'--fp8-format', 'hybrid', '--train-iters', '1']))")
+    result = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "FP8 backend" in errors[0] and "_scaled_mm" in errors[0], errors
     assert "Traceback" not in result.stderr

@@ -102,6 +102,15 @@ def test_unsupported_fp8_is_a_clear_error(overrides, needle):
         check_supported(_config(**overrides))
 
 
+def test_gpu_without_fp8_gemms_is_a_clear_error(monkeypatch):
+    """An Ampere GPU (compute capability 8.0) has no FP8 GEMMs: named, never a bf16 run."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(Fp8UnavailableError, match=r"A100.* compute capability 8\.9"):
+        check_supported(_config(use_cpu_initialization=False))
+
+
 def _fp8_case(rank, world_size, case):
     """run_megatron_case with the transformer linears in torch-native hybrid FP8, plus the FP8
     statistics of the initial weights."""
