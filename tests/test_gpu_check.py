@@ -51,3 +51,29 @@ def test_the_timed_model_is_about_350m_parameters_in_every_variant():
         assert config.model.bf16 and config.model.transformer_impl == "local"
     parameters = plan(parse_pretrain_args(gpu_check.MODEL), 1).model_parameters
     assert 340e6 < parameters < 360e6, parameters
+
+
+def test_a_failed_build_of_the_checkout_runs_it_from_the_source_tree(monkeypatch, capsys):
+    """Where the extension does not build, the stages import the package from the checkout (one
+    warning line) instead of the whole check stopping; a failed wheel install still stops it."""
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    ran = []
+
+    def run(command, check, cwd):
+        ran.append(command)
+        if command[-1] == str(ROOT):
+            raise subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    gpu_check.install(ROOT)
+    assert len(ran) == 2
+    assert gpu_check.os.environ["PYTHONPATH"] == f"{ROOT}{gpu_check.os.pathsep}/elsewhere"
+    assert capsys.readouterr().err.startswith("gpu_check: warning: building this checkout failed")
+
+    def fail(command, check, cwd):
+        raise subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", fail)
+    with pytest.raises(subprocess.CalledProcessError):
+        gpu_check.install(ROOT)
