@@ -116,12 +116,30 @@ def quantize(tensor: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype):
     return q, d
 
 
+def check_cuda_gemm_shape(a, b_t) -> None:
+    """Raise Fp8UnavailableError unless the GEMM a @ b_t.T fits CUDA's FP8 GEMMs: contraction
+    and output sizes multiples of 16 (CPU has no such rule)."""
+    contraction, columns = a.shape[1], b_t.shape[0]
+    if contraction % 16 or columns % 16:
+        raise Fp8UnavailableError(
+            f"an FP8 GEMM of [{a.shape[0]} x {contraction}] by [{contraction} x {columns}] on "
+            "CUDA: its contraction and output sizes must be multiples of 16; the hidden size, "
+            "each linear's output features per TP rank and the tokens per micro-batch (micro "
+            "batch size x sequence length) must be")
+
+
 def scaled_mm(a, b_t, scale_a, scale_b, out_dtype):
     """a @ b_t.T in FP8 via torch._scaled_mm with fp32 dequantization scales: `scale_a` 0-dim
     (per tensor) and `scale_b` 0-dim or of shape (N,) (per output column; `scale_a` is then
-    expanded per row)."""
+    expanded per row). _scaled_mm's per-column (row-wise) scaling gives a bf16 output only on
+    CUDA, so for any other `out_dtype` the columns are scaled after a per-tensor GEMM."""
+    if a.is_cuda:
+        check_cuda_gemm_shape(a, b_t)
     scale_a = scale_a.float()
     scale_b = scale_b.float()
+    if scale_b.numel() > 1 and out_dtype != torch.bfloat16:
+        one = torch.ones((), dtype=torch.float32, device=scale_b.device)
+        return (scaled_mm(a, b_t, scale_a, one, torch.float32) * scale_b).to(out_dtype)
     if scale_b.numel() > 1:
         scale_a = scale_a.reshape(1, 1).expand(a.shape[0], 1).contiguous()
         scale_b = scale_b.reshape(1, -1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -45,7 +46,6 @@ from .norm import local_norm
 
 BACKENDS = ("local", "transformer_engine")  # Megatron-LM's --transformer-impl
 _TE_LAYERS = "megatron_wesar.te_layers"
-_TE_EXTENSIONS = "megatron.core.extensions.transformer_engine"  # megatron-core's TE wrappers
 
 
 class TransformerEngineUnavailableError(ImportError):
@@ -109,7 +109,9 @@ def get_wesar_layer_spec(wesar: WeSaRConfig, init_seed: int | None = None,
         require_transformer_engine()
         column_cls = (_TE_LAYERS, "GatedTELayerNormColumnParallelLinear")
         row_cls = (_TE_LAYERS, "GatedTERowParallelLinear")
-        attention = (_TE_EXTENSIONS, "TEDotProductAttention")
+        # megatron-core's TE wrappers (placeholders where TE is absent); SelfAttention calls
+        # core_attention itself, so it is the class, not an import path
+        attention = TEDotProductAttention
         norm = IdentityOp
     else:
         column_cls, row_cls = GatedColumnParallelLinear, GatedRowParallelLinear
@@ -154,8 +156,7 @@ def get_wesar_block_spec(config, wesar: WeSaRConfig, vp_stage: int | None = None
     norm (`norm.local_norm()`; TE's TENorm with backend "transformer_engine")."""
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     layer = get_wesar_layer_spec(wesar, init_seed, backend)
-    final_norm = ((_TE_EXTENSIONS, "TENorm")
-                  if backend == "transformer_engine" else local_norm())
+    final_norm = TENorm if backend == "transformer_engine" else local_norm()
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers,

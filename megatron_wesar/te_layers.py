@@ -27,7 +27,24 @@ from .init import ModelShape, is_gated, weight_std
 from .layers import MatrixPart, _Gated, _normal_init, matrix_parts
 
 
-class GatedTELayerNormColumnParallelLinear(TELayerNormColumnParallelLinear, _Gated):
+class _GatesOutsideTEDtypeCheck:
+    """Outside torch.autocast, TE's modules require every parameter to have the input's dtype
+    (TransformerEngine pytorch/module/base.py, TransformerEngineBaseModule.set_activation_dtype,
+    run by every forward); WeSaR's gates are fp32 in a bf16 / fp16 model by design, so that check
+    runs with the gates set aside (TE's own weights are still checked)."""
+
+    def set_activation_dtype(self, inp):
+        """TE's set_activation_dtype without this layer's gates in the parameters."""
+        gates = {part.gate_name: self._parameters.pop(part.gate_name)
+                 for part in self.matrix_parts}
+        try:
+            super().set_activation_dtype(inp)
+        finally:
+            self._parameters.update(gates)  # registered last, so the order is kept
+
+
+class GatedTELayerNormColumnParallelLinear(_GatesOutsideTEDtypeCheck,
+                                           TELayerNormColumnParallelLinear, _Gated):
     """megatron-core's TELayerNormColumnParallelLinear (norm fused into the GEMM) whose matrices
     are gated on the sharded output: linear_qkv (role "qkv") gets gate_q, gate_k, gate_v, a
     SwiGLU linear_fc1 (role "fc1") gate_gate and gate_up, a GeLU fc1 one gate. Takes the
@@ -53,7 +70,7 @@ class GatedTELayerNormColumnParallelLinear(TELayerNormColumnParallelLinear, _Gat
         return self._gated_linear(super().forward, x)
 
 
-class GatedTERowParallelLinear(TERowParallelLinear, _Gated):
+class GatedTERowParallelLinear(_GatesOutsideTEDtypeCheck, TERowParallelLinear, _Gated):
     """megatron-core's TERowParallelLinear (attention output, fc2) whose matrix is gated on its
     TP-sharded input. Takes the parent's arguments plus `role` and `wesar`."""
 

@@ -60,6 +60,30 @@ def test_gemm_equals_dequantized_product(per_column):
     torch.testing.assert_close(scale.grad.double(), expected_gate, rtol=1e-5, atol=1e-6)
 
 
+def test_column_scales_give_the_same_product_in_bf16_and_fp32():
+    """Per-column scales ride in the GEMM (row-wise scaling) for a bf16 output and are applied
+    after a per-tensor GEMM for fp32 (CUDA's row-wise scaling gives bf16 only): the same product
+    up to bf16 rounding, and both equal the float64 product of the quantized operands."""
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(32, 64, generator=gen), torch.randn(48, 64, generator=gen)
+    columns = torch.rand(48, generator=gen) + 0.5
+    (aq, da), (bq, db) = (quantize(t, amaxes([t], None)[0], torch.float8_e4m3fn) for t in (a, b))
+    exact = (aq.double() * da) @ (bq.double() * db).T * columns.double()
+    out = {dtype: fp8.scaled_mm(aq, bq, da, db * columns, dtype)
+           for dtype in (torch.bfloat16, torch.float32)}
+    assert out[torch.bfloat16].dtype == torch.bfloat16 and out[torch.float32].dtype == torch.float32
+    torch.testing.assert_close(out[torch.float32].double(), exact, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out[torch.bfloat16].double(), exact, rtol=8e-3, atol=1e-2)
+
+
+def test_cuda_gemm_shapes_not_multiples_of_16_are_a_clear_error():
+    fp8.check_cuda_gemm_shape(torch.empty(24, 64), torch.empty(48, 64))  # rows are free
+    for a, b_t in ((torch.empty(32, 72), torch.empty(48, 72)),
+                   (torch.empty(32, 64), torch.empty(40, 64))):
+        with pytest.raises(Fp8UnavailableError, match="multiples of 16; the hidden size"):
+            fp8.check_cuda_gemm_shape(a, b_t)
+
+
 def test_quantization_error_of_w_bar():
     """W_bar drawn with WeSaR's sigma quantizes to e4m3 with a few percent relative error, the
     same for any std (per-tensor scaling)."""
@@ -233,81 +257,3 @@ def test_fp8_that_cannot_run_is_a_flag_error(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_pretrain_args(argv)
     assert message in capsys.readouterr().err
-
-
-def _has_transformer_engine() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_has_transformer_engine(), reason="transformer_engine imports here")
-def test_transformer_engine_backend_without_te_names_what_to_install():
-    from megatron_wesar.config import WeSaRConfig
-    from megatron_wesar.spec import TransformerEngineUnavailableError, get_wesar_layer_spec
-
-    with pytest.raises(TransformerEngineUnavailableError, match="install it .*transformer_engine"):
-        get_wesar_layer_spec(WeSaRConfig(), backend="transformer_engine")
-
-
-def test_transformer_engine_spec_shape():
-    """The TE spec is megatron-core's TE GPT layer: norm-fused LayerNorm-linears for qkv and fc1
-    (the spec's norms IdentityOp), TE row-parallel linears and TE attention, gated like the
-    local layers (role and wesar passed)."""
-    from megatron.core.transformer.identity_op import IdentityOp
-
-    from megatron_wesar import spec
-    from megatron_wesar.config import WeSaRConfig
-
-    wesar = WeSaRConfig(backbone="small")
-    with mock.patch.object(spec, "require_transformer_engine"):
-        layer = spec.get_wesar_layer_spec(wesar, backend="transformer_engine")
-    sub = layer.submodules
-    attention, mlp = sub.self_attention.submodules, sub.mlp.submodules
-    assert sub.input_layernorm is IdentityOp and sub.pre_mlp_layernorm is IdentityOp
-    te = "megatron_wesar.te_layers"
-    assert attention.linear_qkv.module == (te, "GatedTELayerNormColumnParallelLinear")
-    assert mlp.linear_fc1.module == (te, "GatedTELayerNormColumnParallelLinear")
-    assert attention.linear_proj.module == (te, "GatedTERowParallelLinear")
-    assert mlp.linear_fc2.module == (te, "GatedTERowParallelLinear")
-    assert attention.core_attention[1] == "TEDotProductAttention"
-    roles = [s.params["role"] for s in (attention.linear_qkv, attention.linear_proj,
-                                        mlp.linear_fc1, mlp.linear_fc2)]
-    assert roles == ["qkv", "attn_proj", "fc1", "fc2"]
-    assert all(s.params["wesar"] is wesar for s in (attention.linear_qkv, mlp.linear_fc2))
-    with pytest.raises(ValueError, match="backend must be one of"):
-        spec.get_wesar_layer_spec(wesar, backend="te")
-
-
-@pytest.mark.skipif(not (_has_transformer_engine() and torch.cuda.is_available()),
-                    reason="needs transformer_engine and a CUDA GPU (not installable here)")
-def test_transformer_engine_gated_model_runs_and_gates_scale():
-    """On TE: the gated TE model builds, its gates multiply (doubling every gate of a layer
-    doubles that layer's qkv output) and every gate gets a finite gradient."""
-    from megatron_wesar.layers import gate_parameters
-    from tests.helpers import oracle_harness
-
-    case = replace(Case(dtype=torch.bfloat16, swiglu=True), seq_len=16)
-    config = oracle_harness.transformer_config(case)
-    config.use_cpu_initialization = False
-    with mock.patch.object(oracle_harness, "transformer_config", lambda c: config):
-        from megatron_wesar.spec import build_gpt_model
-        from megatron_wesar.training.engine import initialize_parallel
-
-        initialize_parallel(1, 1, case.seed)
-        model = build_gpt_model(config, oracle_harness.wesar_config(case), case.vocab_size,
-                                case.seq_len, backend="transformer_engine").cuda()
-    tokens = case.global_batch(0)[:2, :-1].cuda()
-    positions = torch.arange(case.seq_len, device="cuda").expand_as(tokens)
-    qkv = model.decoder.layers[0].self_attention.linear_qkv
-    x = torch.randn(case.seq_len, 2, case.hidden_size, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        before = qkv(x)[0]
-        for gate in qkv.gates():
-            gate.mul_(2)
-        torch.testing.assert_close(qkv(x)[0], 2 * before, rtol=2e-2, atol=1e-3)
-    model(tokens, positions, None, labels=tokens).float().mean().backward()
-    grads = [g.grad for _, g in gate_parameters(model)]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
