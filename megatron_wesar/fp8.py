@@ -123,9 +123,9 @@ def check_cuda_gemm_shape(a, b_t) -> None:
     if contraction % 16 or columns % 16:
         raise Fp8UnavailableError(
             f"an FP8 GEMM of [{a.shape[0]} x {contraction}] by [{contraction} x {columns}] on "
-            "CUDA: its contraction and output sizes must be multiples of 16; the hidden size, "
-            "each linear's output features per TP rank and the tokens per micro-batch (micro "
-            "batch size x sequence length) must be")
+            "CUDA: its contraction and output sizes must be multiples of 16; so must the hidden "
+            "size, each linear's output features per TP rank and the tokens per micro-batch "
+            "(micro-batch size x sequence length)")
 
 
 def scaled_mm(a, b_t, scale_a, scale_b, out_dtype):

@@ -80,7 +80,7 @@ def test_cuda_gemm_shapes_not_multiples_of_16_are_a_clear_error():
     fp8.check_cuda_gemm_shape(torch.empty(24, 64), torch.empty(48, 64))  # rows are free
     for a, b_t in ((torch.empty(32, 72), torch.empty(48, 72)),
                    (torch.empty(32, 64), torch.empty(40, 64))):
-        with pytest.raises(Fp8UnavailableError, match="multiples of 16; the hidden size"):
+        with pytest.raises(Fp8UnavailableError, match="multiples of 16; so must the hidden size"):
             fp8.check_cuda_gemm_shape(a, b_t)
 
 
