@@ -37,12 +37,12 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def compare(fp8_grads: dict, grads: dict) -> dict:
-    """The figures of one step (see the module docstring) from two {name: gradient} dicts."""
+def compare(fp8_grads: dict, grads: dict, gates: list[str]) -> dict:
+    """The figures of one step (see the module docstring) from two {name: gradient} dicts and
+    the names of the gates among them."""
     names = list(grads)
     everything = torch.cat([grads[n].flatten() for n in names])
     linears = [n for n in names if n.endswith(LINEARS)]
-    gates = [n for n in names if n.rsplit(".", 1)[-1].startswith("gate")]
     figures = {
         "all": _relative(torch.cat([fp8_grads[n].flatten() for n in names]), everything),
         "weights": statistics.median(_relative(fp8_grads[n], grads[n]) for n in linears),
@@ -62,6 +62,7 @@ def measure(method: str, seed: int, steps: int) -> list[dict]:
     from megatron_wesar import fp8
     from megatron_wesar.compat import enable_cpu_compat
     from megatron_wesar.data.sources import microbatches
+    from megatron_wesar.layers import gate_parameters
     from megatron_wesar.training.arguments import parse_pretrain_args
     from megatron_wesar.training.engine import initialize_parallel, train_step
     from megatron_wesar.training.pretrain import (
@@ -80,6 +81,7 @@ def measure(method: str, seed: int, steps: int) -> list[dict]:
     data = build_data(config)
     engine = build_run_engine(config, padded_vocab_size(data.vocab_size, 1))
     params = dict(engine.module.named_parameters())
+    gates = [name for name, _ in gate_parameters(engine.module)]
     shape = (1, training.micro_batch_size, seq_length)
 
     def gradients(batch):
@@ -101,7 +103,7 @@ def measure(method: str, seed: int, steps: int) -> list[dict]:
             loss, grads = gradients(batch)
             train_step(engine, microbatches(batch, 0, 1, shape[1]), *shape)
         records.append({"iteration": iteration, "loss": loss, "loss_diff": fp8_loss - loss,
-                        **compare(fp8_grads, grads)})
+                        **compare(fp8_grads, grads, gates)})
     parallel_state.destroy_model_parallel()
     return records
 
